@@ -1,0 +1,45 @@
+import functools
+
+import pytest
+import torch
+
+import timm
+import timm_sila  # noqa: F401  registers sila_* names
+
+# The paper's six architectures plus other families, each at a small input it accepts: (model kwargs, input size).
+REPRESENTATIVE = {
+    'resnet18': ({}, 32),
+    'vgg19_bn': ({}, 32),
+    'mobilenetv1_100': ({}, 32),
+    'wide_resnet50_2': ({}, 32),
+    'densenet121': ({}, 32),
+    'inception_v3': ({}, 75),
+    'efficientnet_b0': ({}, 32),
+    'convnext_atto': ({}, 32),
+    'regnetx_002': ({}, 32),
+    'vit_tiny_patch16_224': ({'img_size': 32}, 32),
+    'swin_tiny_patch4_window7_224': ({'img_size': 64, 'window_size': 4}, 64),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def build_sila(arch: str, num_classes: int = 10):
+    """A sila_<arch> model (cached: build once per test session) and an input batch for it."""
+    kwargs, size = REPRESENTATIVE[arch]
+    torch.manual_seed(0)
+    model = timm.create_model(f'sila_{arch}', num_classes=num_classes, **kwargs)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return model, x
+
+
+def vanilla_like(arch: str, sila_model, num_classes: int = 10):
+    """The plain timm model carrying the SilaNet's base weights."""
+    kwargs, _ = REPRESENTATIVE[arch]
+    model = timm.create_model(arch, num_classes=num_classes, **kwargs)
+    model.load_state_dict(sila_model.base.state_dict())
+    return model
+
+
+@pytest.fixture
+def tmp_out(tmp_path):
+    return tmp_path / 'out'

@@ -1,0 +1,101 @@
+"""sila_* names in timm's registry, pretrained tags, and SilaNet's construction errors."""
+import pytest
+import torch
+
+import timm
+from safetensors.torch import save_file
+
+from timm_sila import SilaNet
+
+
+def test_every_architecture_is_registered():
+    base = [n for n in timm.list_models() if not n.startswith('sila_')]
+    assert sorted(timm.list_models('sila_*')) == sorted(f'sila_{n}' for n in base)
+
+
+def test_pretrained_tags_mirror_the_base():
+    base = [n for n in timm.list_pretrained() if not n.startswith('sila_')]
+    assert sorted(timm.list_pretrained('sila_*')) == sorted(f'sila_{n}' for n in base)
+    assert 'sila_resnet18.a1_in1k' in timm.list_pretrained('sila_resnet18*')
+
+
+def test_create_model_with_every_sila_keyword():
+    model = timm.create_model('sila_resnet18', num_classes=10, sila_sets=3, sila_beta=0.2, sila_decay=0.8,
+                              sila_taps=None, sila_branch=1, sila_head='conv3x3')
+    assert isinstance(model, SilaNet)
+    assert (model.sets, model.beta, model.decay, model.branch, model.num_classes) == (3, 0.2, 0.8, 1, 10)
+    model.eval()
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    four = timm.create_model('sila_resnet18', num_classes=10, sila_sets=4, sila_taps=['layer3', 'layer2', 'layer1'])
+    assert four.taps == ['layer3', 'layer2', 'layer1']
+
+
+@pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
+def test_pretrained_tag_loads_base_weights_and_fresh_heads(tmp_path, suffix):
+    torch.manual_seed(123)
+    vanilla = timm.create_model('resnet18')  # 1000 classes, like the a1_in1k weights
+    path = tmp_path / f'resnet18{suffix}'
+    if suffix == '.pth':
+        torch.save(vanilla.state_dict(), path)
+    else:
+        save_file(vanilla.state_dict(), str(path))
+    torch.manual_seed(0)
+    model = timm.create_model('sila_resnet18.a1_in1k', pretrained=True, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert model.pretrained_cfg['tag'] == 'a1_in1k'
+    loaded = model.base.state_dict()
+    for key, value in vanilla.state_dict().items():
+        if key.startswith('fc.'):
+            assert loaded[key].shape[0] == 10  # classifier adapted as timm does
+        else:
+            assert torch.equal(loaded[key], value), key
+    torch.manual_seed(0)
+    fresh = timm.create_model('sila_resnet18', num_classes=10)
+    assert torch.equal(model.heads['1'].weight, fresh.heads['1'].weight)  # heads initialised, not loaded
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(sila_sets=1), 'sets must be an integer >= 2'),
+    (dict(sila_sets=6), 'needs 5 tap stages'),
+    (dict(sila_branch=3), r'branch must be an integer in \[0, 2\]'),
+    (dict(sila_branch=-1), r'branch must be an integer in \[0, 2\]'),
+    (dict(sila_taps=['layer4', 'layer1']), 'final stage'),
+    (dict(sila_taps=['layer1', 'layer3']), 'strictly ordered'),
+    (dict(sila_taps=['layer9', 'layer1']), 'not a stage'),
+    (dict(sila_taps=['layer3']), 'must list 2 stages'),
+    (dict(sila_taps=[7, 1]), 'out of range'),
+    (dict(sila_head='mlp'), 'Unknown head'),
+    (dict(sila_beta=-1.0), 'beta >= 0'),
+    (dict(sila_gamma=1.0), 'Unknown SilaNet arguments'),
+])
+def test_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model('sila_resnet18', num_classes=10, **kwargs)
+
+
+def test_unknown_architecture():
+    with pytest.raises(ValueError, match='Unknown timm architecture'):
+        SilaNet('resnet_does_not_exist', num_classes=10)
+
+
+def test_model_without_feature_info():
+    base = timm.create_model('resnet18', num_classes=10)
+    del base.feature_info
+    with pytest.raises(ValueError, match='no feature_info'):
+        SilaNet(base, num_classes=10)
+
+
+def test_base_must_be_a_model():
+    with pytest.raises(ValueError, match='timm model name or a timm model instance'):
+        SilaNet(42, num_classes=10)
+
+
+def test_instance_with_other_class_count():
+    with pytest.raises(ValueError, match='reset_classifier'):
+        SilaNet(timm.create_model('resnet18', num_classes=5), num_classes=10)
+
+
+def test_branch_setter_validates():
+    model = timm.create_model('sila_resnet18', num_classes=10)
+    with pytest.raises(ValueError, match='branch must be'):
+        model.branch = 5

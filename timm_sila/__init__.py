@@ -1,0 +1,10 @@
+"""timm-sila: Siamese Labels Auxiliary Network (SilaNet) training for any timm model."""
+from .heads import ConvPoolHead
+from .logits import SilaLogits, SilaLossError
+from .loss import SilaLoss, sila_cross_entropy, sila_log_probs, sila_set_weights
+from .model import SilaNet
+from .registry import register_sila_models
+
+__version__ = '0.1.0'
+
+register_sila_models()

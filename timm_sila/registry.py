@@ -1,0 +1,99 @@
+"""`sila_<arch>` names in timm's registry, with the base architecture's pretrained tags."""
+import sys
+from collections import deque
+from dataclasses import replace
+from typing import Any, Dict
+
+import timm
+from timm.models import load_pretrained, register_model
+from timm.models import _registry
+
+from .model import SilaNet, sila_pretrained_cfg
+
+__all__ = ['SILA_PREFIX', 'SILA_KWARGS', 'register_sila_models', 'base_arch']
+
+SILA_PREFIX = 'sila_'
+SILA_KWARGS = ('sila_sets', 'sila_beta', 'sila_decay', 'sila_taps', 'sila_branch', 'sila_head', 'sila_stripped')
+
+default_cfgs: Dict[str, Any] = {}  # read by timm's register_model for this module's entrypoints
+
+
+def base_arch(model_name: str) -> str:
+    """'sila_resnet18.a1_in1k' -> 'resnet18'."""
+    arch = model_name.split(':')[-1].split('.', 1)[0]
+    return arch[len(SILA_PREFIX):] if arch.startswith(SILA_PREFIX) else arch
+
+
+def _is_sila_checkpoint(pretrained_cfg) -> bool:
+    """Weights from a hub/local-dir config of a sila_* model are SilaNet state_dicts, not base ones."""
+    if pretrained_cfg is None or isinstance(pretrained_cfg, str):
+        return False
+    cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else pretrained_cfg.to_dict()
+    return cfg.get('source') in ('local-dir', 'hf-hub')
+
+
+def _create_sila(arch: str, pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None,
+                 cache_dir=None, **kwargs) -> SilaNet:
+    sila = {k[len(SILA_PREFIX):]: kwargs.pop(k) for k in list(kwargs) if k.startswith(SILA_PREFIX)}
+    unknown = sorted(f'{SILA_PREFIX}{k}' for k in sila if f'{SILA_PREFIX}{k}' not in SILA_KWARGS)
+    if unknown:
+        raise ValueError(f'Unknown SilaNet arguments {unknown}; valid ones are {list(SILA_KWARGS)}.')
+    kwargs.pop('pretrained_model_args', None)
+    sila_weights = pretrained and _is_sila_checkpoint(pretrained_cfg)
+    if sila_weights:
+        base = timm.create_model(arch, **kwargs)
+    else:
+        base = timm.create_model(
+            arch, pretrained=pretrained, pretrained_cfg=pretrained_cfg,
+            pretrained_cfg_overlay=pretrained_cfg_overlay, cache_dir=cache_dir, **kwargs)
+    model = SilaNet(base, **sila)
+    if sila_weights:
+        cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else pretrained_cfg.to_dict()
+        model.pretrained_cfg = dict(sila_pretrained_cfg(base.pretrained_cfg, arch), **cfg,
+                                    architecture=f'{SILA_PREFIX}{arch}')
+        model.default_cfg = model.pretrained_cfg
+        load_pretrained(model, pretrained_cfg=model.pretrained_cfg, num_classes=model.num_classes,
+                        in_chans=kwargs.get('in_chans', 3), strict=True, cache_dir=cache_dir)
+    return model
+
+
+def _entrypoint(arch: str):
+    def fn(pretrained: bool = False, **kwargs) -> SilaNet:
+        return _create_sila(arch, pretrained=pretrained, **kwargs)
+    fn.__name__ = f'{SILA_PREFIX}{arch}'
+    fn.__qualname__ = fn.__name__
+    fn.__module__ = __name__
+    fn.__doc__ = f'SilaNet over timm `{arch}`; sila_* keyword arguments configure the auxiliary sets.'
+    return fn
+
+
+def _mirror_cfgs(arch: str):
+    """DefaultCfg for sila_<arch> with every pretrained tag of <arch>, classifier/first_conv under `base.`."""
+    base_default = _registry._model_default_cfgs.get(arch)
+    if base_default is None:
+        return None
+    cfgs = {}
+    for tag in base_default.tags:
+        resolved = _registry._model_pretrained_cfgs.get(f'{arch}.{tag}' if tag else arch)
+        if resolved is None:
+            continue
+        remapped = sila_pretrained_cfg({'classifier': resolved.classifier, 'first_conv': resolved.first_conv}, arch)
+        cfgs[tag] = replace(resolved, classifier=remapped['classifier'], first_conv=remapped['first_conv'])
+    return _registry.DefaultCfg(tags=deque(t for t in base_default.tags if t in cfgs), cfgs=cfgs,
+                                is_pretrained=base_default.is_pretrained)
+
+
+def register_sila_models() -> int:
+    """Register sila_<arch> for every timm architecture not yet registered; returns how many were added."""
+    module = sys.modules[__name__]
+    added = 0
+    for arch in timm.list_models():
+        name = f'{SILA_PREFIX}{arch}'
+        if arch.startswith(SILA_PREFIX) or name in _registry._model_entrypoints:
+            continue
+        mirrored = _mirror_cfgs(arch)
+        if mirrored is not None:
+            module.default_cfgs[name] = mirrored
+        register_model(_entrypoint(arch))
+        added += 1
+    return added

@@ -1,0 +1,152 @@
+"""Stage discovery through timm's feature API and the paper's tap rule (Sec 2.2)."""
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ['Stage', 'probe_stages', 'choose_taps', 'resolve_taps']
+
+_WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One `feature_info` entry: its index, module name, channels of its NCHW map and its weight-layer depth."""
+    index: int
+    module: str
+    channels: int
+    depth: int
+
+
+def _feature_entries(model: nn.Module) -> List[dict]:
+    info = getattr(model, 'feature_info', None)
+    if info is None or not len(info):
+        raise ValueError(
+            f'{type(model).__name__} has no feature_info, so SilaNet cannot find its stages. Only timm models that '
+            f'support features_only / forward_intermediates can be used as a SilaNet base.')
+    entries = list(info.info) if hasattr(info, 'info') else list(info)
+    if not all(isinstance(e, dict) and 'module' in e for e in entries):
+        raise ValueError(f'{type(model).__name__}.feature_info is not a list of stage dicts; cannot find stages.')
+    if not hasattr(model, 'forward_intermediates'):
+        raise ValueError(
+            f'{type(model).__name__} has no forward_intermediates(); SilaNet reads stage features through it.')
+    return entries
+
+
+def probe_input_shape(model: nn.Module) -> Tuple[int, int, int]:
+    """(C, H, W) the model accepts: its patch embedding's img_size when fixed, else its pretrained_cfg input."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    chans, height, width = cfg.get('input_size', (3, 224, 224))
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first is not None and first.in_channels != chans and not first.transposed:
+        chans = first.in_channels
+    patch_embed = getattr(model, 'patch_embed', None)
+    img_size = getattr(patch_embed, 'img_size', None)
+    if img_size is not None:
+        height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return int(chans), int(height), int(width)
+
+
+@torch.no_grad()
+def probe_stages(model: nn.Module) -> Tuple[List[Stage], int]:
+    """Run one eval forward (batch 1) counting executed conv/linear layers.
+
+    Returns the stages in feature_info order, each with the depth (weight layers executed when its module
+    returns) and the channels of the NCHW map `forward_intermediates` gives for it, and the depth D of the
+    whole model including its classifier.
+    """
+    entries = _feature_entries(model)
+    count = [0]
+    depths = {}
+    handles = []
+
+    def count_layer(*_):
+        count[0] += 1
+
+    for module in model.modules():
+        if isinstance(module, _WEIGHT_LAYERS):
+            handles.append(module.register_forward_hook(count_layer))
+    for i, entry in enumerate(entries):
+        try:
+            module = model.get_submodule(entry['module'])
+        except AttributeError:
+            for h in handles:
+                h.remove()
+            raise ValueError(f"feature_info stage {i} names module {entry['module']!r}, which "
+                             f"{type(model).__name__} does not have; cannot tap it.") from None
+        handles.append(module.register_forward_hook(lambda *_, i=i: depths.__setitem__(i, count[0])))
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device('cpu')
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.randn(1, *probe_input_shape(model), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        final, intermediates = model.forward_intermediates(x)
+        model.forward_head(final)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+    if len(intermediates) != len(entries):
+        raise ValueError(
+            f'{type(model).__name__}.forward_intermediates() returned {len(intermediates)} features but its '
+            f'feature_info lists {len(entries)} stages; cannot map taps to features.')
+    stages = []
+    for i, (entry, feat) in enumerate(zip(entries, intermediates)):
+        if feat.ndim != 4:
+            raise ValueError(f"Stage {i} ({entry['module']}) gives a {feat.ndim}-D feature, not an NCHW map.")
+        if i not in depths:
+            raise ValueError(f"Stage {i} ({entry['module']}) never ran in {type(model).__name__}'s forward.")
+        stages.append(Stage(i, entry['module'], int(feat.shape[1]), depths[i]))
+    return stages, count[0]
+
+
+def choose_taps(stages: Sequence[Stage], total_depth: int, sets: int) -> List[int]:
+    """Paper rule: set k (1..M-1) taps the stage whose depth is nearest D·(M-k)/M, ties to the deeper one.
+
+    Taps are strictly decreasing in depth order (set 1 deepest) and never the final stage. Returns stage
+    indices in set order.
+    """
+    usable = len(stages) - 1
+    if sets - 1 > usable:
+        raise ValueError(f'sets={sets} needs {sets - 1} tap stages, but the model has only {usable} stages before '
+                         f'its final one. Use sets <= {usable + 1}.')
+    taps, upper = [], usable
+    for k in range(1, sets):
+        target = total_depth * (sets - k) / sets
+        lower = sets - 1 - k  # leave one stage for each shallower set
+        best = min(range(lower, upper), key=lambda i: (abs(stages[i].depth - target), -i))
+        taps.append(best)
+        upper = best
+    return taps
+
+
+def resolve_taps(taps: Optional[Sequence[Union[int, str]]], stages: Sequence[Stage], sets: int) -> List[int]:
+    """Validate user taps (module names or feature_info indices, set order, deepest first) → stage indices."""
+    if isinstance(taps, (str, int)):
+        taps = [taps]
+    taps = list(taps)
+    names = [s.module for s in stages]
+    if len(taps) != sets - 1:
+        raise ValueError(f'taps must list {sets - 1} stages (one per auxiliary set, deepest first), got {taps}.')
+    out = []
+    for t in taps:
+        if isinstance(t, str):
+            if t not in names:
+                raise ValueError(f'Tap {t!r} is not a stage of this model; stages are {names}.')
+            out.append(names.index(t))
+        elif isinstance(t, int) and not isinstance(t, bool):
+            if not -len(stages) <= t < len(stages):
+                raise ValueError(f'Tap index {t} is out of range for {len(stages)} stages {names}.')
+            out.append(t % len(stages))
+        else:
+            raise ValueError(f'Taps must be module names or feature_info indices, got {t!r}.')
+    if out and out[0] == len(stages) - 1:
+        raise ValueError(f'Tap {names[out[0]]!r} is the final stage, which set 0 already uses; tap an earlier one.')
+    if any(a <= b for a, b in zip(out, out[1:])):
+        raise ValueError(f'Taps must be strictly ordered deepest first (set 1 = deepest), got {[names[i] for i in out]}.')
+    return out
