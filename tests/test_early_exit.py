@@ -1,0 +1,140 @@
+"""EarlyExit: per-sample routing is exact, samples really leave the batch, calibration and persistence."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import timm
+
+from timm_sila.early_exit import (EarlyExit, calibrate_temperatures, choose_threshold, simulate_exits)
+
+
+@pytest.fixture(scope='module')
+def model():
+    torch.manual_seed(0)
+    return timm.create_model('sila_resnet18', num_classes=10).eval()
+
+
+@pytest.fixture(scope='module')
+def x():
+    return torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def _expected(model, x, exit_set, temperatures=None):
+    ref = model.forward_branches(x)
+    t = temperatures or [1.0] * model.sets
+    return torch.stack([ref[int(s)][i] / t[int(s)] for i, s in enumerate(exit_set)])
+
+
+@torch.no_grad()
+def test_no_exit_is_the_base_model(model, x):
+    result = EarlyExit(model, thresholds=None)(x)
+    assert result.exit_set.tolist() == [0] * len(x)
+    assert torch.allclose(result.logits, model.base(x), atol=1e-5)
+    assert result.compute == pytest.approx(1.0)
+
+
+@torch.no_grad()
+def test_everyone_exits_at_the_shallowest_tap(model, x):
+    ee = EarlyExit(model, thresholds=0.0)
+    result = ee(x)
+    assert result.exit_set.tolist() == [model.sets - 1] * len(x)
+    seg = ee.segment_macs(x)
+    assert result.compute == pytest.approx(seg[0] / sum(seg))
+    torch.testing.assert_close(result.logits, model.forward_branch(x, model.sets - 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('policy', ['confidence', 'entropy'])
+@torch.no_grad()
+def test_mixed_exits_keep_order_and_only_survivors_run_later_stages(model, x, policy):
+    temps = [1.0, 0.05, 0.05]  # sharpen the heads so some samples clear the threshold
+    scores = {k: model.forward_branch(x, k) / temps[k] for k in (1, 2)}
+    if policy == 'confidence':
+        conf2 = scores[2].softmax(-1).amax(-1)
+        threshold = float(conf2.median())
+    else:
+        p = scores[2].softmax(-1)
+        ent2 = -(p * p.clamp_min(1e-30).log()).sum(-1)
+        threshold = float(ent2.median())
+    ee = EarlyExit(model, thresholds=[threshold, threshold], policy=policy, temperatures=temps)
+    seen = []
+    handle = model.base.layer4.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    try:
+        result = ee(x)
+    finally:
+        handle.remove()
+    n_left = int((result.exit_set == 0).sum())
+    assert 0 < int((result.exit_set == 2).sum()) < len(x)
+    assert seen[-1] == n_left, 'layer4 must run only on samples still in flight'
+    torch.testing.assert_close(result.logits, _expected(model, x, result.exit_set, temps), rtol=1e-4, atol=1e-4)
+    seg = ee.segment_macs(x)
+    n2 = int((result.exit_set == 2).sum())
+    n1 = int((result.exit_set == 1).sum())
+    expected = (seg[0] * len(x) + seg[1] * (len(x) - n2) + seg[2] * (len(x) - n2 - n1)) / (sum(seg) * len(x))
+    assert result.compute == pytest.approx(expected)
+
+
+def test_refuses_token_models_clearly():
+    model = timm.create_model('sila_vit_tiny_patch16_224', num_classes=10, img_size=32).eval()
+    with pytest.raises(ValueError, match='NCHW'):
+        EarlyExit(model, thresholds=0.5)(torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(policy='margin'), 'policy'), (dict(thresholds=[0.5]), 'thresholds'),
+    (dict(temperatures=[1.0, 0.0, 1.0]), 'temperatures'),
+])
+def test_bad_arguments(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EarlyExit(model, **kwargs)
+
+
+def test_needs_full_eval_model(model):
+    stripped = timm.create_model('sila_resnet18', num_classes=10, sila_branch=1, sila_stripped=True)
+    with pytest.raises(ValueError, match='not stripped'):
+        EarlyExit(stripped)
+    train_model = timm.create_model('sila_resnet18', num_classes=10).train()
+    with pytest.raises(ValueError, match='eval'):
+        EarlyExit(train_model)(torch.randn(2, 3, 32, 32))
+
+
+def test_temperature_calibration_recovers_a_known_temperature():
+    g = torch.Generator().manual_seed(0)
+    true = 2 * torch.randn(4000, 5, generator=g)
+    labels = torch.multinomial(true.softmax(-1), 1, generator=g).squeeze(1)
+    branch_logits = torch.stack([true * 3.0, true * 0.5], 1)  # over- and under-confident sets
+    t = calibrate_temperatures(branch_logits, labels)
+    assert t[0] == pytest.approx(3.0, rel=0.1) and t[1] == pytest.approx(0.5, rel=0.1)
+
+
+def test_threshold_choice_meets_its_constraint():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 10, (500,), generator=g)
+    clean = F.one_hot(labels, 10).float() * 4
+    noise = lambda s: s * torch.randn(500, 10, generator=g)  # noqa: E731
+    branch_logits = torch.stack([clean + noise(0.5), clean + noise(1.5), clean + noise(3.0)], 1)
+    seg = [30, 30, 40]
+    temps = [1.0, 1.0, 1.0]
+    by_drop = choose_threshold(branch_logits, labels, temps, seg, max_drop=1.0)
+    assert by_drop['accuracy'] >= by_drop['base_accuracy'] - 1.0
+    assert by_drop['compute'] < 1.0
+    row = simulate_exits(branch_logits, labels, [by_drop['threshold']] * 2, temps, seg)
+    assert row['accuracy'] == pytest.approx(by_drop['accuracy']) and row['compute'] == pytest.approx(by_drop['compute'])
+    by_budget = choose_threshold(branch_logits, labels, temps, seg, budget=0.6)
+    assert by_budget['compute'] <= 0.6
+    with pytest.raises(ValueError, match='exactly one'):
+        choose_threshold(branch_logits, labels, temps, seg)
+
+
+@torch.no_grad()
+def test_save_and_load_round_trip(model, x, tmp_path):
+    ee = EarlyExit(model, thresholds=[0.3, 0.6], policy='confidence', temperatures=[1.0, 1.5, 2.0])
+    path = tmp_path / 'exit.safetensors'
+    ee.save(path)
+    loaded = EarlyExit.load(path)
+    assert loaded.config() == ee.config()
+    a, b = ee(x), loaded(x)
+    assert torch.equal(a.exit_set, b.exit_set) and torch.allclose(a.logits, b.logits)
+    assert not math.isnan(b.compute)
+    assert [p.name for p in tmp_path.iterdir()] == ['exit.safetensors']
