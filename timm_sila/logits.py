@@ -50,7 +50,9 @@ class _SilaGuard(torch.autograd.Function):
                 'Gradients reached the SilaNet training logits, but no Sila loss was computed on them: something '
                 'between the model and the criterion turned them into a plain tensor, so the loss would have been '
                 'a plain cross-entropy over M·N classes. Known causes: DistributedDataParallel with '
-                'find_unused_parameters=True or static_graph=True, torch.compile of a wrapper around the model, '
+                'find_unused_parameters=True or static_graph=True (timm train.py never sets these; a custom DDP '
+                'setup must not), a torch.compile setup that drops tensor subclasses (train.py --torchcompile '
+                'keeps them; if this error appears with --torchcompile, train without it), '
                 'or a criterion that reads the logits through an unsupported path. ' + _SUPPORTED)
         return grad, None
 
@@ -66,6 +68,33 @@ _LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
 
 def _describe(func) -> str:
     return getattr(func, '__qualname__', None) or getattr(func, '__name__', None) or repr(func)
+
+
+# train.py options whose criterion reaches the logits through these operations (first op each one applies).
+_FLAG_HINTS = (
+    (('sigmoid', 'binary_cross_entropy', 'binary_cross_entropy_with_logits', 'logsigmoid'),
+     'This is binary cross-entropy: train.py --bce-loss (timm BinaryCrossEntropy, `--loss bce` in newer train.py) '
+     'or another sigmoid-based loss (asl, poly, twoway, zlpr, db); drop that flag. '),
+    (('split', 'chunk', 'tensor_split', 'unbind'),
+     'This is the JSD loss: train.py --jsd-loss (timm JsdCrossEntropy, used with --aug-splits); drop --jsd-loss '
+     '(--aug-splits alone is fine). '),
+    (('clone',),
+     'DistributedDataParallel clones model outputs when find_unused_parameters=True or static_graph=True (or '
+     'when another wrapper copies them); the copy would be a plain tensor. timm train.py sets neither: wrap the '
+     'SilaNet in DDP without these options (all its parameters are used in every training step). '),
+    (('div', '__truediv__', '__rtruediv__', 'div_', '__itruediv__'),
+     'This is logit knowledge distillation (train.py --kd-model-name, timm LogitDistillationTask): the '
+     'distillation term would be computed over M·N logits; train without --kd-model-name. '),
+)
+
+
+def _flag_hint(func) -> str:
+    name = getattr(func, '__name__', '')
+    for names, hint in _FLAG_HINTS:
+        if name in names:
+            return hint
+    return ('This happens with train.py --bce-loss, --jsd-loss, knowledge distillation (--kd-model-name), '
+            'or any custom criterion. ')
 
 
 class SilaLogits(torch.Tensor):
@@ -96,8 +125,7 @@ class SilaLogits(torch.Tensor):
                 return func(*args, **kwargs)
         raise SilaLossError(
             f'`{_describe(func)}` was applied to SilaNet training logits (B, M·N). The Sila loss cannot be carried '
-            f'through it, so training would optimise the wrong objective. This happens with binary cross-entropy '
-            f'(--bce-loss), JSD (--jsd-loss / --aug-splits), knowledge distillation, or a custom criterion. '
+            f'through it, so training would optimise the wrong objective. {_flag_hint(func)}'
             + _SUPPORTED + ' To use the raw logits deliberately, call `.unwrap()` first.')
 
 

@@ -8,7 +8,7 @@ import timm
 from timm.models._manipulate import group_with_matcher
 
 from .heads import create_head
-from .logits import wrap_sila_logits
+from .logits import SilaLossError, wrap_sila_logits
 from .loss import _check_hparams
 from .taps import choose_taps, probe_stages, resolve_taps
 
@@ -109,6 +109,7 @@ class SilaNet(nn.Module):
         self.pretrained_cfg = sila_pretrained_cfg(getattr(base, 'pretrained_cfg', {}), self.arch)
         self.default_cfg = self.pretrained_cfg
         self.num_features = getattr(base, 'num_features', None)
+        self.in_chans = getattr(base, 'in_chans', self.pretrained_cfg.get('input_size', (3,))[0])
 
     # --- branch selection -------------------------------------------------------------------------------
     @property
@@ -167,6 +168,15 @@ class SilaNet(nn.Module):
             return wrap_sila_logits(logits, self.num_classes, self.beta, self.decay)
         return self.forward_branch(x, self.branch)
 
+    def forward_features(self, x: torch.Tensor):
+        raise SilaLossError(
+            'SilaNet has no single feature map: its sets read different stages. Feature/token distillation '
+            '(train.py --kd-distill-type feature/token) would train set 0 alone with a plain loss; use '
+            'model.base.forward_features for inference, or train without distillation.')
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        self.forward_features(x)
+
     # --- timm model protocol ----------------------------------------------------------------------------
     def no_weight_decay(self) -> Set[str]:
         fn = getattr(self.base, 'no_weight_decay', None)
@@ -192,8 +202,9 @@ class SilaNet(nn.Module):
         """New classifier and auxiliary heads for `num_classes` classes."""
         self.base.reset_classifier(num_classes, *args, **kwargs)
         self.num_classes = num_classes
-        for k, i in zip(list(self.heads.keys()), [self.tap_indices[int(k) - 1] for k in self.heads.keys()]):
-            self.heads[k] = create_head(self.head_type, self.stages[i].channels, num_classes)
+        for k in list(self.heads.keys()):
+            channels = self.stages[self.tap_indices[int(k) - 1]].channels
+            self.heads[k] = create_head(self.head_type, channels, num_classes)
         self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
         self.default_cfg = self.pretrained_cfg
 
