@@ -4,6 +4,8 @@ from .logits import SilaLogits, SilaLossError
 from .loss import SilaLoss, sila_cross_entropy, sila_log_probs, sila_set_weights
 from .model import SilaNet
 from .registry import register_sila_models
+from .checkpoint import CheckpointError, load_silanet
+from .strip import load_stripped, strip
 
 __version__ = '0.1.0'
 
