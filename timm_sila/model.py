@@ -110,6 +110,10 @@ class SilaNet(nn.Module):
         self.default_cfg = self.pretrained_cfg
         self.num_features = getattr(base, 'num_features', None)
         self.in_chans = getattr(base, 'in_chans', self.pretrained_cfg.get('input_size', (3,))[0])
+        traits = getattr(base, '_traits', None)
+        if traits:  # timm's input metadata (img_size, first conv), read by save_for_hf on export
+            self._traits = dict(traits, first_conv=sila_pretrained_cfg(
+                {'first_conv': traits.get('first_conv')}, self.arch)['first_conv'])
 
     # --- branch selection -------------------------------------------------------------------------------
     @property

@@ -70,11 +70,6 @@ def export_model(net: SilaNet, branch: int = 0) -> nn.Module:
         raise ValueError(f'The SilaNet lacks {len(absent)} tensors of its stripped branch {branch} '
                          f'(e.g. {absent[:3]}); was it built with other taps or head?')
     model.load_state_dict({k: source[k] for k in wanted}, strict=True)
-    traits = getattr(model.base, '_traits', None)
-    if traits and not hasattr(model, '_traits'):  # timm reads input size / first conv from these on export
-        model._traits = dict(traits)
-        if isinstance(traits.get('first_conv'), str):
-            model._traits['first_conv'] = f"base.{traits['first_conv']}"
     return model.eval()
 
 
