@@ -28,19 +28,76 @@ class ConvPoolHead(nn.Conv2d):
 
 def shifted_window_means(x: torch.Tensor) -> torch.Tensor:
     """S (B, C, 3, 3): S[..., i, j] = mean over output positions of x shifted by (i-1, j-1), zero padded."""
-    h, w = x.shape[-2:]
-    total = x.sum((2, 3))
-    zero = torch.zeros_like(total)
+    return _ShiftedWindowMeans.apply(x)
+
+
+def _window_sums(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, 3, 3) sums of x over rows R_i × cols C_j (inclusion-exclusion from edge sums and corners).
+
+    Built in place in one (B, C, 3, 3) buffer: on small maps this buffer is larger than x itself.
+    """
+    b, c = x.shape[:2]
+    s = x.new_zeros(b, c, 3, 3)
+    # corners shared by the excluded row and column of each (i, j) with i, j in {0, 2}
+    s[:, :, 0, 0] = x[:, :, -1, -1]
+    s[:, :, 0, 2] = x[:, :, -1, 0]
+    s[:, :, 2, 0] = x[:, :, 0, -1]
+    s[:, :, 2, 2] = x[:, :, 0, 0]
     # rows/cols excluded by kernel offset i = 0, 1, 2: the last one, none, the first one
-    rows_out = torch.stack([x[:, :, -1, :].sum(-1), zero, x[:, :, 0, :].sum(-1)], -1)
-    cols_out = torch.stack([x[:, :, :, -1].sum(-1), zero, x[:, :, :, 0].sum(-1)], -1)
-    corners = torch.stack([
-        torch.stack([x[:, :, -1, -1], zero, x[:, :, -1, 0]], -1),
-        torch.stack([zero, zero, zero], -1),
-        torch.stack([x[:, :, 0, -1], zero, x[:, :, 0, 0]], -1),
-    ], -2)
-    s = total[:, :, None, None] - rows_out[:, :, :, None] - cols_out[:, :, None, :] + corners
-    return s / (h * w)
+    s[:, :, 0, :] -= x[:, :, -1, :].sum(-1, keepdim=True)
+    s[:, :, 2, :] -= x[:, :, 0, :].sum(-1, keepdim=True)
+    s[:, :, :, 0] -= x[:, :, :, -1].sum(-1, keepdim=True)
+    s[:, :, :, 2] -= x[:, :, :, 0].sum(-1, keepdim=True)
+    return s.add_(x.sum((2, 3))[:, :, None, None])
+
+
+def _by_position_class(g: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """Sum g over the windows i (size-3 `dim`) containing a position of class p = first, interior, last of n.
+
+    R_0 = all but last, R_1 = all, R_2 = all but first: the first position is in R_0, R_1; an interior one in all;
+    the last in R_1, R_2; the only position of n = 1 in R_1 alone.
+    """
+    g0, g1, g2 = g.unbind(dim)
+    if n == 1:
+        return torch.stack([g1, g1, g1], dim)
+    return torch.stack([g0 + g1, g0 + g1 + g2, g1 + g2], dim)
+
+
+class _ShiftedWindowMeans(torch.autograd.Function):
+    """Forward: the (B, C, 3, 3) window means. Backward: dS/dx has only nine distinct values per (b, c) (first,
+    interior, last row × column), so the input gradient is one full-size fill plus edge writes instead of
+    autograd's full-size tensor per slice/sum."""
+
+    @staticmethod
+    def forward(ctx, x):
+        h, w = x.shape[-2:]
+        ctx.x_meta = (x.shape, x.dtype, x.device, _memory_format(x))
+        return _window_sums(x).div_(h * w)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        shape, dtype, device, memory_format = ctx.x_meta
+        h, w = shape[-2:]
+        grad = grad.to(dtype) / (h * w)
+        v = _by_position_class(_by_position_class(grad, 2, h), 3, w)  # (B, C, 3, 3): [row class, col class]
+        out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+        out.copy_(v[:, :, 1, 1, None, None].expand(shape))
+        out[:, :, :, 0] = v[:, :, 1, 0, None]
+        out[:, :, :, -1] = v[:, :, 1, 2, None]
+        out[:, :, 0, :] = v[:, :, 0, 1, None]
+        out[:, :, -1, :] = v[:, :, 2, 1, None]
+        out[:, :, 0, 0] = v[:, :, 0, 0]
+        out[:, :, 0, -1] = v[:, :, 0, 2]
+        out[:, :, -1, 0] = v[:, :, 2, 0]
+        out[:, :, -1, -1] = v[:, :, 2, 2]
+        return out
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def create_head(head: str, in_chs: int, num_classes: int) -> ConvPoolHead:
