@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean reproduce
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,6 +14,10 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
+
+# base vs Sila on CIFAR-10 (../shared/data/cifar10): GPU protocol when CUDA is present, else the CPU one
+reproduce: $(VENV)/.installed
+	$(PY) benchmarks/reproduce_cifar10.py --out output/reproduce_cifar10
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,108 +1,85 @@
-"""Demo: train a sila_resnet18 on a small data set on CPU and report each branch's test accuracy.
+"""Demo (`make demo`, ~1-2 min on CPU): train a sila_resnet18 with examples/train_cifar.py, strip it, reload with timm.
 
-Default data: scikit-learn's bundled 8×8 digits, upscaled to 32×32 RGB (no download). With DATA=<dir>
-(an ImageFolder with train/ and test/ sub-folders, e.g. ../shared/data/cifar10) that data is used instead.
+Default data: scikit-learn's bundled 8x8 digits, upscaled to 32x32 RGB (no download). With DATA=<dir> (an
+ImageFolder with train/ and test/, e.g. ../shared/data/cifar10) at most --limit images per split of it are used.
+Steps: train (per-branch test accuracy ACC1, ACC2, ACC3 every epoch) -> checkpoint -> stripped branch 0 and 1
+folders -> branch 0 reloaded with plain `timm.create_model('local-dir:...', pretrained=True)`, whose test
+accuracy and logits must match the trained SilaNet's branch 0.
 """
 import argparse
 import os
-import time
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import timm
-import timm_sila
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_cifar  # noqa: E402  the training loop this demo runs
 
 
-def digits_tensors(seed: int = 0):
-    """sklearn digits as (N, 3, 32, 32) float tensors in [0, 1] and labels, split 80/20 per class."""
+def digits_uint8(seed: int = 0):
+    """sklearn digits as uint8 (N, 3, 32, 32) images and labels, split 80/20 per class."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = F.interpolate(images, size=32, mode='bilinear', align_corners=False).repeat(1, 3, 1, 1)
+    images = (images * 255).round().clamp(0, 255).to(torch.uint8)
     labels = torch.tensor(digits.target)
-    idx_train, idx_test = train_test_split(
-        range(len(labels)), test_size=0.2, random_state=seed, stratify=digits.target)
-    return (images[idx_train], labels[idx_train]), (images[idx_test], labels[idx_test]), 10
-
-
-def image_folder_tensors(root: str, limit: int):
-    """An ImageFolder's train/ and test/ splits decoded once into memory (at most `limit` images each)."""
-    from torchvision import datasets, transforms
-    tf = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
-
-    def load(split):
-        ds = datasets.ImageFolder(os.path.join(root, split), transform=tf)
-        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:limit]
-        xs, ys = zip(*(ds[int(i)] for i in order))
-        return torch.stack(xs), torch.tensor(ys)
-
-    train = load('train')
-    return train, load('test'), int(train[1].max()) + 1
-
-
-def evaluate(model, images, labels, batch_size=256):
-    """Top-1 accuracy (%) of every branch, from one backbone pass per batch."""
-    model.eval()
-    correct = torch.zeros(model.sets)
-    with torch.no_grad():
-        for i in range(0, len(labels), batch_size):
-            outs = model.forward_branches(images[i:i + batch_size])
-            for k, logits in enumerate(outs):
-                correct[k] += (logits.argmax(-1) == labels[i:i + batch_size]).sum()
-    return (100.0 * correct / len(labels)).tolist()
+    train, test = train_test_split(range(len(labels)), test_size=0.2, random_state=seed, stratify=digits.target)
+    return {'train': (images[train], labels[train]), 'test': (images[test], labels[test]),
+            'classes': [str(c) for c in range(10)]}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--model', default='sila_resnet18')
-    parser.add_argument('--epochs', type=int, default=12)
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--lr', type=float, default=0.05)
+    parser.add_argument('--epochs', type=int, default=8)
     parser.add_argument('--limit', type=int, default=5000, help='max images per split with DATA')
+    parser.add_argument('--out', default=None, help='output folder (default: a temporary folder)')
     args = parser.parse_args()
-    torch.manual_seed(0)
+    out = Path(args.out or tempfile.mkdtemp(prefix='timm-sila-demo-'))
 
     data_dir = os.environ.get('DATA')
+    train_args = ['--model', args.model, '--epochs', str(args.epochs), '--batch-size', '64', '--out', str(out),
+                  '--seed', '0']
     if data_dir:
-        (x_train, y_train), (x_test, y_test), num_classes = image_folder_tensors(data_dir, args.limit)
-        source = data_dir
+        train_args += ['--data-dir', data_dir, '--limit', str(args.limit)]
+        data = None
     else:
-        (x_train, y_train), (x_test, y_test), num_classes = digits_tensors()
-        source = 'sklearn digits (8x8 upscaled to 32x32)'
-    mean = x_train.mean((0, 2, 3), keepdim=True)
-    std = x_train.std((0, 2, 3), keepdim=True)
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+        data = digits_uint8()
+        print('data: sklearn digits (8x8 upscaled to 32x32)')
+    final = train_cifar.main(train_args, data=data)
 
-    model = timm.create_model(args.model, num_classes=num_classes)
-    criterion = timm_sila.SilaLoss(num_classes, beta=model.beta, decay=model.decay)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    steps = args.epochs * -(-len(y_train) // args.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps)
-    print(f'{args.model}: {num_classes} classes, taps {model.taps} (set 1 = deepest), '
-          f'{len(y_train)} train / {len(y_test)} test images from {source}')
-
-    start = time.time()
-    for epoch in range(args.epochs):
-        model.train()
-        order = torch.randperm(len(y_train))
-        total = 0.0
-        for i in range(0, len(order), args.batch_size):
-            idx = order[i:i + args.batch_size]
-            loss = criterion(model(x_train[idx]), y_train[idx])  # (B, M·N) logits, one softmax
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(idx)
-        accs = evaluate(model, x_test, y_test)
-        acc_text = '  '.join(f'ACC{k + 1} {a:5.1f}' for k, a in enumerate(accs))
-        print(f'epoch {epoch + 1:2d}  loss {total / len(y_train):.3f}  {acc_text}  ({time.time() - start:.0f}s)')
-
-    print('\nbranch  test top-1  (branch 0 = unchanged base model, k >= 1 = compressed prefix + head k)')
-    for k, acc in enumerate(evaluate(model, x_test, y_test)):
-        print(f'{k:6d}  {acc:9.2f}%')
+    # reload branch 0 with plain timm: no timm_sila code involved, config.json names the base architecture
+    folder = final['branch0_dir']
+    plain = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    from timm_sila import load_silanet
+    net = load_silanet(out / 'sila_checkpoint.pth.tar')  # the trained SilaNet, all branches
+    ckpt_args = torch.load(out / 'sila_checkpoint.pth.tar', weights_only=True)['args']
+    mean = torch.tensor(ckpt_args['mean']).view(1, 3, 1, 1)
+    std = torch.tensor(ckpt_args['std']).view(1, 3, 1, 1)
+    if data is None:
+        data = train_cifar.load_data(Path(data_dir), ckpt_args['img_size'], args.limit, None)
+    x_test, y_test = data['test']
+    with torch.no_grad():
+        x = train_cifar.normalize(x_test, mean, std)
+        plain_logits = plain(x)
+        sila_logits = net.forward_branch(x, 0)
+    plain_acc = 100.0 * (plain_logits.argmax(1) == y_test).float().mean().item()
+    sila_acc = 100.0 * (sila_logits.argmax(1) == y_test).float().mean().item()
+    diff = (plain_logits - sila_logits).abs().max().item()
+    print(f'\nstripped branch 0 reloaded with plain timm: timm.create_model("local-dir:{folder}", pretrained=True)')
+    print(f'  architecture {plain.pretrained_cfg.get("architecture")}, test top-1 {plain_acc:.2f}% '
+          f'(SilaNet branch 0: {sila_acc:.2f}%), max |logit difference| {diff:.2e} '
+          f'-> {"MATCH" if plain_acc == sila_acc and diff < 1e-4 else "MISMATCH"}')
+    print(f'  branch 1 (compressed) folder: {final["branch1_dir"]}; all outputs in {out}')
+    if plain_acc != sila_acc or diff >= 1e-4:
+        sys.exit(1)
 
 
 if __name__ == '__main__':

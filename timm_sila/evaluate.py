@@ -1,0 +1,287 @@
+"""Per-branch evaluation (paper Tables 2-3): top-1..5, loss, branch ensemble, params / MB / CR, in one pass.
+
+Python: `evaluate(model, loader) -> dict`. CLI: `timm-sila eval` (`add_eval_parser` / `run_eval`).
+"""
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import timm
+
+from .model import SilaNet
+
+__all__ = ['evaluate', 'branch_sizes', 'format_eval', 'add_eval_parser', 'run_eval']
+
+MB = 2 ** 20  # bytes, as in `timm-sila info` and the paper's Table 3
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _base_params(arch: str, model_args: Dict[str, Any]) -> Optional[int]:
+    """Parameter count of the plain base architecture (meta device: no memory, no init cost)."""
+    try:
+        with torch.device('meta'):
+            return _count(timm.create_model(arch, **model_args))
+    except Exception:  # an architecture that cannot be built on meta: size unknown rather than wrong
+        return None
+
+
+def branch_sizes(model: nn.Module) -> List[Dict[str, Any]]:
+    """params, size_mb (fp32) and cr = 1 - params(branch) / params(base) for each branch `model` answers.
+
+    SilaNet: one row per set; set k >= 1 counts the backbone prefix up to tap k + head k (what `strip` keeps).
+    Stripped SilaNet: its one branch. Any other model: one row, the model itself as branch 0 (cr 0).
+    """
+    if isinstance(model, SilaNet):
+        base_args = dict(getattr(model.base, '_model_args', None) or {}, num_classes=model.num_classes)
+        if model.stripped:
+            params = _count(model)
+            base = _base_params(model.arch, base_args)
+            return [dict(branch=model.branch, exit=model.taps[model.branch - 1], params=params,
+                         size_mb=params * 4 / MB, cr=None if base is None else 1.0 - params / base)]
+        base = _count(model.base)
+        rows = [dict(branch=0, exit='classifier', params=base, size_mb=base * 4 / MB, cr=0.0)]
+        for k in range(1, model.sets):
+            params = None
+            if callable(getattr(model.base, 'prune_intermediate_layers', None)):
+                kwargs = dict(base_args, **model.sila_args())
+                kwargs.update(sila_branch=k, sila_stripped=True)
+                try:
+                    with torch.device('meta'):
+                        params = _count(timm.create_model(f'sila_{model.arch}', **kwargs))
+                except Exception:
+                    params = None
+            rows.append(dict(branch=k, exit=model.taps[k - 1], params=params,
+                             size_mb=None if params is None else params * 4 / MB,
+                             cr=None if params is None else 1.0 - params / base))
+        return rows
+    params = _count(model)
+    return [dict(branch=0, exit='classifier', params=params, size_mb=params * 4 / MB, cr=0.0)]
+
+
+def _topk_correct(logits: torch.Tensor, target: torch.Tensor, maxk: int) -> torch.Tensor:
+    """(maxk,) number of samples whose target is within the top-k predictions, k = 1..maxk."""
+    pred = logits.topk(maxk, dim=1).indices  # (B, maxk)
+    hit = (pred == target[:, None]).float().cumsum(1).clamp_(max=1)
+    return hit.sum(0)
+
+
+@torch.no_grad()
+def evaluate(
+        model: nn.Module,
+        loader: Iterable,
+        device: Optional[torch.device] = None,
+        topk: int = 5,
+        ensemble: bool = True,
+        progress: bool = False,
+        desc: str = 'eval',
+        sizes: bool = True,
+) -> Dict[str, Any]:
+    """Evaluate every branch of `model` on `loader` ((images, targets) batches) in one pass.
+
+    SilaNet (not stripped): all sets from one backbone pass per batch (`forward_branches`), plus the branch
+    ensemble (mean of the sets' softmaxes). Any other model (stripped branch, plain timm model): one row.
+    Returns dict(num_samples, topk, branches=[{branch, top1..topK (%), loss, params, size_mb, cr}, ...],
+    ensemble={top1..topK, loss} or None). loss is the plain mean cross-entropy of that branch's (B, N) logits;
+    the ensemble's loss is the NLL of the mean probability. The model is left in eval mode.
+    """
+    if device is None:
+        device = next(iter(model.parameters())).device
+    model.eval()
+    multi = isinstance(model, SilaNet) and not model.stripped
+    n_seen = 0
+    maxk = None
+    correct: Optional[torch.Tensor] = None  # (branches [+ ensemble], maxk)
+    loss_sum: Optional[torch.Tensor] = None
+    batches = loader
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(loader, desc=desc, leave=False, total=len(loader) if hasattr(loader, '__len__') else None)
+            batches = bar
+        except ImportError:
+            pass
+    for images, target in batches:
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        outs = model.forward_branches(images) if multi else [model(images)]
+        outs = [o.float() for o in outs]
+        if correct is None:
+            num_classes = outs[0].shape[1]
+            maxk = min(topk, num_classes)
+            rows = len(outs) + (1 if multi and ensemble else 0)
+            correct = torch.zeros(rows, maxk, dtype=torch.float64)
+            loss_sum = torch.zeros(rows, dtype=torch.float64)
+        for i, logits in enumerate(outs):
+            correct[i] += _topk_correct(logits, target, maxk).double().cpu()
+            loss_sum[i] += F.cross_entropy(logits, target, reduction='sum').double().cpu()
+        if multi and ensemble:
+            probs = torch.stack([o.softmax(-1) for o in outs]).mean(0)
+            correct[-1] += _topk_correct(probs, target, maxk).double().cpu()
+            loss_sum[-1] += F.nll_loss(probs.clamp_min(1e-12).log(), target, reduction='sum').double().cpu()
+        n_seen += target.shape[0]
+    if bar is not None:
+        bar.close()
+    if not n_seen:
+        raise ValueError('evaluate() got an empty loader: no (images, targets) batch to evaluate.')
+
+    def row(i):
+        acc = (100.0 * correct[i] / n_seen).tolist()
+        out = {f'top{k + 1}': acc[k] for k in range(maxk)}
+        out['loss'] = float(loss_sum[i] / n_seen)
+        return out
+
+    size_rows = branch_sizes(model) if sizes else None
+    branches = []
+    n_branches = len(correct) - (1 if multi and ensemble else 0)
+    for i in range(n_branches):
+        entry = dict(branch=i if multi else getattr(model, 'branch', 0) if isinstance(model, SilaNet) else 0)
+        entry.update(row(i))
+        if size_rows is not None:
+            entry.update({k: v for k, v in size_rows[i].items() if k != 'branch'})
+        branches.append(entry)
+    return dict(num_samples=n_seen, topk=maxk, branches=branches,
+                ensemble=row(len(correct) - 1) if multi and ensemble else None)
+
+
+def format_eval(result: Dict[str, Any]) -> str:
+    """Human-readable table of an `evaluate` result."""
+    k = result['topk']
+    head = ['branch', 'exit'] + [f'top{i}' for i in range(1, k + 1)] + ['loss', 'params', 'MB', 'CR']
+    lines = []
+    for b in result['branches']:
+        lines.append([str(b['branch']), str(b.get('exit', ''))]
+                     + [f"{b[f'top{i}']:.2f}" for i in range(1, k + 1)] + [f"{b['loss']:.4f}"]
+                     + [f"{b['params']:,}" if b.get('params') is not None else '-',
+                        f"{b['size_mb']:.2f}" if b.get('size_mb') is not None else '-',
+                        f"{100 * b['cr']:.2f}%" if b.get('cr') is not None else '-'])
+    if result.get('ensemble'):
+        e = result['ensemble']
+        lines.append(['ens', 'mean softmax'] + [f"{e[f'top{i}']:.2f}" for i in range(1, k + 1)]
+                     + [f"{e['loss']:.4f}", '-', '-', '-'])
+    widths = [max(len(h), *(len(r[j]) for r in lines)) for j, h in enumerate(head)]
+    fmt = lambda r: '  '.join(c.rjust(w) if j >= 2 else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths)))
+    out = [fmt(head), fmt(['-' * w for w in widths])] + [fmt(r) for r in lines]
+    out.append(f"{result['num_samples']} images; accuracy in %, loss = mean cross-entropy; "
+               f"CR = 1 - params/params(branch 0); MB = fp32 params / 2**20")
+    return '\n'.join(out)
+
+
+# --- CLI: timm-sila eval --------------------------------------------------------------------------------------
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        'eval', help='per-branch top-1..5, loss, ensemble and params/MB/CR on an ImageFolder split',
+        description='Evaluate every branch of a trained SilaNet (or a stripped branch folder / plain timm model) '
+                    'on an ImageFolder split in one pass.')
+    p.add_argument('--model', required=True,
+                   help='sila_<arch> (with --checkpoint), a plain timm arch (with --checkpoint), or '
+                        'local-dir:DIR for a folder written by `timm-sila strip`')
+    p.add_argument('--checkpoint', default=None, help='checkpoint file (timm train.py .pth.tar, .pth, .safetensors)')
+    p.add_argument('--data-dir', required=True, help='ImageFolder root (with the split as a sub-folder)')
+    p.add_argument('--split', default='test', help='sub-folder of --data-dir to evaluate (default: test)')
+    p.add_argument('--num-classes', type=int, default=None, help='number of classes (default: from checkpoint)')
+    p.add_argument('--img-size', type=int, default=None, help='input size (default: from checkpoint / config)')
+    p.add_argument('--batch-size', type=int, default=256)
+    p.add_argument('--workers', type=int, default=2, help='data loader worker processes')
+    p.add_argument('--ema', action='store_true', help="evaluate the checkpoint's EMA weights")
+    p.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('--json', action='store_true', help='print the result as JSON')
+    p.add_argument('--debug', action='store_true', default=argparse.SUPPRESS, help='full traceback on errors')
+    p.set_defaults(handler=run_eval)
+    return p
+
+
+def _load_model(args: argparse.Namespace):
+    """(model, data_config overrides) for the CLI arguments."""
+    from .checkpoint import read_checkpoint, load_silanet, create_with_img_size
+    name = args.model
+    if name.startswith('local-dir:') or name.startswith('hf-hub:'):
+        if args.checkpoint:
+            raise ValueError(f'--checkpoint does not apply to {name}: the folder holds its own weights.')
+        if args.ema:
+            raise ValueError('--ema does not apply to a stripped folder (it holds one set of weights).')
+        if name.startswith('local-dir:'):
+            folder = Path(name[len('local-dir:'):])
+            if not (folder / 'config.json').is_file():
+                raise FileNotFoundError(f'{folder} has no config.json; pass a folder written by `timm-sila strip`.')
+        kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
+        return timm.create_model(name, pretrained=True, **kwargs).eval(), {}
+    if not args.checkpoint:
+        raise ValueError(f'--model {name} needs --checkpoint CKPT (or use --model local-dir:DIR for a stripped '
+                         f'folder).')
+    ckpt = read_checkpoint(args.checkpoint)
+    is_sila = name.split('.', 1)[0].startswith('sila_') or (
+        any(k.startswith('heads.') for k in ckpt.state_dict) and any(k.startswith('base.') for k in ckpt.state_dict))
+    if is_sila:
+        model = load_silanet(ckpt, model=name, num_classes=args.num_classes, ema=args.ema, img_size=args.img_size)
+        return model, dict(ckpt.data_config)
+    state_dict = ckpt.state_dict_ema if args.ema else ckpt.state_dict
+    if state_dict is None:
+        raise ValueError(f'--ema was asked, but {args.checkpoint} has no state_dict_ema.')
+    kwargs = dict(ckpt.model_kwargs)
+    if args.num_classes is not None:
+        kwargs['num_classes'] = args.num_classes
+    model = create_with_img_size(name.split('.', 1)[0], args.img_size, **kwargs)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(f'{args.checkpoint} does not match {name}({kwargs}): missing {list(missing)[:3]}, '
+                         f'unexpected {list(unexpected)[:3]}; pass the right --model / --num-classes.')
+    return model.eval(), dict(ckpt.data_config)
+
+
+def _data_config(model: nn.Module, overrides: Dict[str, Any], img_size: Optional[int]) -> Dict[str, Any]:
+    from timm.data import resolve_data_config
+    cfg = resolve_data_config({}, model=model)
+    for key in ('mean', 'std', 'crop_pct', 'crop_mode', 'interpolation'):
+        if overrides.get(key) is not None:
+            cfg[key] = tuple(overrides[key]) if key in ('mean', 'std') else overrides[key]
+    size = img_size or overrides.get('img_size')
+    if overrides.get('input_size') is not None and not img_size:
+        cfg['input_size'] = tuple(overrides['input_size'])
+    elif size:
+        cfg['input_size'] = (cfg['input_size'][0], int(size), int(size))
+    return cfg
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`timm-sila eval`: prints the per-branch table (or JSON); returns the exit status."""
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+    root = Path(args.data_dir) / args.split
+    if not root.is_dir():
+        raise FileNotFoundError(f'{root} does not exist: --data-dir must hold the split folder {args.split!r} '
+                                f'(ImageFolder layout DIR/{args.split}/<class>/<image>).')
+    if args.batch_size < 1:
+        raise ValueError(f'--batch-size must be >= 1, got {args.batch_size}.')
+    model, overrides = _load_model(args)
+    cfg = _data_config(model, overrides, args.img_size)
+    transform = create_transform(**cfg, is_training=False)
+    dataset = ImageFolder(str(root), transform=transform)
+    num_classes = getattr(model, 'num_classes', None)
+    if num_classes is not None and len(dataset.classes) > num_classes:
+        raise ValueError(f'{root} has {len(dataset.classes)} classes but the model predicts {num_classes}; '
+                         f'evaluate on the data set it was trained on.')
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    model.to(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.workers, pin_memory=device.type == 'cuda')
+    result = evaluate(model, loader, device=device, progress=not args.no_progress and not args.json,
+                      desc=f'eval {args.split}')
+    result.update(model=args.model, checkpoint=args.checkpoint, ema=bool(args.ema), split=args.split,
+                  data_dir=str(args.data_dir), data_config={k: list(v) if isinstance(v, tuple) else v
+                                                            for k, v in cfg.items()})
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.model}{' (EMA)' if args.ema else ''} on {root}  input {tuple(cfg['input_size'])}")
+        print(format_eval(result))
+    return 0
