@@ -156,7 +156,17 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 # --- entry point --------------------------------------------------------------------------------------------
-SUBCOMMANDS: List[Callable] = [add_strip_parser, add_info_parser]
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    from .evaluate import add_eval_parser as add
+    return add(subparsers)
+
+
+def add_exit_curve_parser(subparsers) -> argparse.ArgumentParser:
+    from .exit_curve import add_exit_curve_parser as add
+    return add(subparsers)
+
+
+SUBCOMMANDS: List[Callable] = [add_strip_parser, add_info_parser, add_eval_parser, add_exit_curve_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
