@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import timm
 import timm_sila
-from timm_sila.evaluate import evaluate, format_eval
+from timm_sila.evaluation import evaluate, format_eval
 
 PAPER_MILESTONES = [30, 55, 80, 105, 135, 160, 180, 200, 220, 240]
 PAPER_EPOCHS = 260

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import timm
 import timm_sila
-from timm_sila.evaluate import add_eval_parser, branch_sizes, evaluate, format_eval
-from timm_sila.strip import count_params, export_model, model_info
+from timm_sila.evaluation import add_eval_parser, branch_sizes, evaluate, format_eval
+from timm_sila.shipping import count_params, export_model, model_info
 
 from conftest import build_sila
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from timm_sila import CheckpointError, SilaNet, load_stripped, strip
 
-strip_module = importlib.import_module('timm_sila.strip')  # attribute timm_sila.strip is the function
+strip_module = importlib.import_module('timm_sila.shipping')
 
 TAPS = ['layer3', 'layer1']  # the paper's rule for resnet18 with 3 sets (set 1 = deepest)
 KEPT = {1: ('conv1', 'bn1', 'layer1', 'layer2', 'layer3'), 2: ('conv1', 'bn1', 'layer1')}
@@ -315,7 +315,7 @@ def test_config_serialization_failure_leaves_nothing(tmp_path):
 
 KILLED_WRITER = r'''
 import importlib, os, signal, sys, timm, timm_sila
-S = importlib.import_module('timm_sila.strip')
+S = importlib.import_module('timm_sila.shipping')
 def killed(model, save_directory, **kwargs):
     with open(os.path.join(save_directory, 'model.safetensors'), 'wb') as f:
         f.write(b'partial bytes')

@@ -84,7 +84,7 @@ def add_strip_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_strip(args: argparse.Namespace) -> int:
-    from .strip import CONFIG_NAME, WEIGHTS_NAME, strip
+    from .shipping import CONFIG_NAME, WEIGHTS_NAME, strip
     from safetensors import safe_open
     out = strip(args.checkpoint, branch=args.branch, out_dir=args.out, ema=args.ema, overwrite=args.force,
                 model=args.model, num_classes=args.num_classes, sets=args.sets, taps=_parse_taps(args.taps),
@@ -143,7 +143,7 @@ def format_info(info: Dict[str, Any]) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from .strip import model_info
+    from .shipping import model_info
     if args.num_classes is None:
         raise ValueError('info needs --num-classes N.')
     info = model_info(args.model, num_classes=args.num_classes, img_size=args.img_size, sets=args.sets,
@@ -157,7 +157,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 # --- entry point --------------------------------------------------------------------------------------------
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    from .evaluate import add_eval_parser as add
+    from .evaluation import add_eval_parser as add
     return add(subparsers)
 
 

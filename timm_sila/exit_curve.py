@@ -156,7 +156,7 @@ def _loader(root: Path, transform, batch_size: int, limit: Optional[int]):
 
 def run_exit_curve(args: argparse.Namespace) -> int:
     from timm.data import create_transform
-    from .evaluate import _data_config, _load_model
+    from .evaluation import _data_config, _load_model
     if args.calib_split == args.split:
         raise ValueError('--calib-split must differ from --split: thresholds are never chosen on the test data.')
     for split in (args.split, args.calib_split):
