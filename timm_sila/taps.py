@@ -4,6 +4,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.models import get_model_input_config
 
 __all__ = ['Stage', 'probe_stages', 'choose_taps', 'resolve_taps']
 
@@ -35,7 +36,10 @@ def _feature_entries(model: nn.Module) -> List[dict]:
 
 
 def probe_input_shape(model: nn.Module) -> Tuple[int, int, int]:
-    """(C, H, W) the model accepts: its patch embedding's img_size when fixed, else its pretrained_cfg input."""
+    """(C, H, W) to probe with: timm's current input config (the size/channels the model was built for, e.g.
+    `img_size=`); for a model timm did not build, its patch embedding's img_size, else its pretrained_cfg input."""
+    if getattr(model, '_traits', None) is not None:  # built by timm: it records the current input config
+        return tuple(int(v) for v in get_model_input_config(model)['input_size'])
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     chans, height, width = cfg.get('input_size', (3, 224, 224))
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
@@ -59,23 +63,26 @@ def probe_stages(model: nn.Module) -> Tuple[List[Stage], int]:
     entries = _feature_entries(model)
     count = [0]
     depths = {}
-    handles = []
+    counters, stage_hooks = [], []
 
     def count_layer(*_):
         count[0] += 1
 
     for module in model.modules():
         if isinstance(module, _WEIGHT_LAYERS):
-            handles.append(module.register_forward_hook(count_layer))
-    for i, entry in enumerate(entries):
-        try:
-            module = model.get_submodule(entry['module'])
-        except AttributeError:
-            for h in handles:
-                h.remove()
-            raise ValueError(f"feature_info stage {i} names module {entry['module']!r}, which "
-                             f"{type(model).__name__} does not have; cannot tap it.") from None
-        handles.append(module.register_forward_hook(lambda *_, i=i: depths.__setitem__(i, count[0])))
+            counters.append(module.register_forward_hook(count_layer))
+    try:
+        modules = [model.get_submodule(entry['module']) for entry in entries]
+    except AttributeError:  # feature_info names are not real modules (e.g. HRNet's): measure with stop_early below
+        modules = []
+    for i, module in enumerate(modules):
+        if module is model:
+            continue  # module '' (e.g. TResNet's stem entry) is the model itself: measured with stop_early below
+        # The stage's depth is the count when it last returns. Hooking its descendants too covers stages that are
+        # containers the model iterates rather than calls (e.g. CoaT's `for blk in self.serial_blocks1`); for a
+        # called stage its own hook fires after its descendants', so the result is the same.
+        for sub in module.modules():
+            stage_hooks.append(sub.register_forward_hook(lambda *_, i=i: depths.__setitem__(i, count[0])))
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device('cpu')
@@ -86,9 +93,25 @@ def probe_stages(model: nn.Module) -> Tuple[List[Stage], int]:
     try:
         final, intermediates = model.forward_intermediates(x)
         model.forward_head(final)
+        total = count[0]
+        for h in stage_hooks:
+            h.remove()
+        for i, entry in enumerate(entries):
+            if i in depths or i >= len(intermediates):
+                continue
+            # No module to hook (or it never ran): the depth is what forward_intermediates runs to reach this stage
+            # when it stops early.
+            count[0] = 0
+            try:
+                model.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
+            except Exception as e:
+                raise ValueError(f"Cannot measure the depth of feature_info stage {i} ({entry['module']!r}): no "
+                                 f"module of {type(model).__name__} runs for it and forward_intermediates("
+                                 f"indices=[{i}], stop_early=True) failed ({e}).") from e
+            depths[i] = count[0]
     finally:
         model.train(was_training)
-        for h in handles:
+        for h in counters + stage_hooks:
             h.remove()
 
     if len(intermediates) != len(entries):
@@ -102,19 +125,22 @@ def probe_stages(model: nn.Module) -> Tuple[List[Stage], int]:
         if i not in depths:
             raise ValueError(f"Stage {i} ({entry['module']}) never ran in {type(model).__name__}'s forward.")
         stages.append(Stage(i, entry['module'], int(feat.shape[1]), depths[i]))
-    return stages, count[0]
+    return stages, total
 
 
 def choose_taps(stages: Sequence[Stage], total_depth: int, sets: int) -> List[int]:
     """Paper rule: set k (1..M-1) taps the stage whose depth is nearest D·(M-k)/M, ties to the deeper one.
 
-    Taps are strictly decreasing in depth order (set 1 deepest) and never the final stage. Returns stage
-    indices in set order.
+    Taps are strictly decreasing in depth order (set 1 deepest) and never the final stage nor a stage that ends
+    as deep as it (e.g. CoaT's parallel blocks or HRNet's fused branches give several feature_info stages at once;
+    an exit there would run the whole backbone and save nothing). Returns stage indices in set order.
     """
-    usable = len(stages) - 1
+    usable = 0  # stages 0..usable-1 end before the final stage
+    while usable < len(stages) - 1 and stages[usable].depth < stages[-1].depth:
+        usable += 1
     if sets - 1 > usable:
-        raise ValueError(f'sets={sets} needs {sets - 1} tap stages, but the model has only {usable} stages before '
-                         f'its final one. Use sets <= {usable + 1}.')
+        raise ValueError(f'sets={sets} needs {sets - 1} tap stages, but the model has only {usable} stages that end '
+                         f'before its final one. Use sets <= {usable + 1}.')
     taps, upper = [], usable
     for k in range(1, sets):
         target = total_depth * (sets - k) / sets
@@ -138,6 +164,10 @@ def resolve_taps(taps: Optional[Sequence[Union[int, str]]], stages: Sequence[Sta
         if isinstance(t, str):
             if t not in names:
                 raise ValueError(f'Tap {t!r} is not a stage of this model; stages are {names}.')
+            if names.count(t) > 1:
+                where = [i for i, n in enumerate(names) if n == t]
+                raise ValueError(f'Tap {t!r} names {len(where)} stages of this model (feature_info indices {where}); '
+                                 f'pass the feature_info index instead of the name.')
             out.append(names.index(t))
         elif isinstance(t, int) and not isinstance(t, bool):
             if not -len(stages) <= t < len(stages):

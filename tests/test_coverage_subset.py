@@ -1,0 +1,110 @@
+"""A fast slice of the coverage sweep (benchmarks/coverage.py): same checks, same code, families outside conftest's.
+
+Each architecture gets every sweep check: train forward/backward to every head, eval branch 0 bitwise equal to
+vanilla timm, strip branch 0 reloaded bitwise equal by a fresh process without timm_sila (one process for all),
+strip branch 1 reloaded bitwise equal and smaller than the base. The full sweep: `python benchmarks/coverage.py`.
+"""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import timm
+
+from conftest import REPRESENTATIVE
+
+_PATH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'coverage.py'
+_spec = importlib.util.spec_from_file_location('sila_coverage', _PATH)
+coverage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(coverage)
+
+# Families not in conftest.REPRESENTATIVE, each with its own code path: timm's tiny test models of several modules
+# (byobnet, nfnet, maxxvit with a fixed input size, relpos ViT) and small real ones (GhostNet; LeViT, distilled
+# with two classifiers and a fixed input size).
+SUBSET = ['test_byobnet', 'test_nfnet', 'test_coatnet', 'test_vit_relpos', 'ghostnet_050', 'levit_128s']
+
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+    work = tmp_path_factory.mktemp('coverage')
+    records = {arch: coverage.check_arch(arch, work / arch, fresh=False) for arch in SUBSET}
+    pending = [arch for arch, rec in records.items() if 'fresh_item' in rec]
+    verdicts = coverage.verify_fresh([records[arch]['fresh_item'] for arch in pending])
+    for arch, verdict in zip(pending, verdicts):
+        coverage.finish_fresh(records[arch], verdict)
+    return records
+
+
+def test_subset_is_outside_conftest_families():
+    family_of = {n: f for f, names in coverage.family_map().items() for n in names}
+    assert not {family_of[a] for a in SUBSET} & {family_of[a] for a in REPRESENTATIVE}
+    assert len({family_of[a] for a in SUBSET}) == len(SUBSET)
+
+
+@pytest.mark.parametrize('arch', SUBSET)
+def test_arch_passes_every_sweep_check(results, arch):
+    rec = results[arch]
+    assert set(rec['checks']) == set(coverage.CHECKS)
+    failed = {c: v['reason'] for c, v in rec['checks'].items() if v['status'] != 'pass'}
+    assert not failed, f'{arch}: {failed}'
+    assert rec['status'] == 'pass'
+    assert rec['params_branch1'] < rec['params_base']
+
+
+def test_fixed_size_model_is_built_at_a_small_img_size(results):
+    # test_coatnet has a fixed input size (160); the sweep rebuilds it with img_size= instead of using 160
+    assert results['test_coatnet']['kwargs'] == {'img_size': 32}
+    assert results['test_coatnet']['input_size'] == [3, 32, 32]
+
+
+@pytest.mark.parametrize('name,prefix', [
+    ('resnet18', 'resnet'), ('resnet50d', 'resnet'), ('vit_tiny_patch16_224', 'vit'), ('vgg19_bn', 'vgg'),
+    ('mobilenetv3_large_100', 'mobilenetv3'), ('convnextv2_atto', 'convnextv2'), ('res2net50_14w_8s', 'res2net'),
+    ('dla102x2', 'dla'), ('eva02_tiny_patch14_224', 'eva'), ('regnetx_002', 'regnetx'),
+])
+def test_family_prefix_rule(name, prefix):
+    assert coverage.name_prefix(name) == prefix
+
+
+def test_families_cover_every_architecture_once():
+    families = coverage.family_map()
+    names = [n for n in timm.list_models() if not n.startswith('sila_')]
+    listed = [n for v in families.values() for n in v]
+    assert sorted(listed) == sorted(names)
+    # same prefix, different timm modules -> separate families, labelled with the module
+    assert 'resnet18' in families['resnet (resnet)'] and 'resnet50_clip' in families['resnet (byobnet)']
+    counts = {n: i for i, n in enumerate(names)}  # any order works for the selection rule
+    pairs = coverage.select_archs(families, counts)
+    assert {a for _, a in pairs} >= set(coverage.PAPER_SIX)
+    assert len({f for f, _ in pairs}) == len(families)
+
+
+def test_outcome_tells_clear_plugin_errors_from_failures(tmp_path):
+    with pytest.raises(ValueError) as plugin_error:
+        timm.create_model('sila_test_resnet', num_classes=10, sila_sets=1)
+    assert coverage._outcome(plugin_error.value)['status'] == 'refused'
+    with pytest.raises(RuntimeError) as timm_error:
+        timm.create_model('sila_resnet_does_not_exist')
+    assert coverage._outcome(timm_error.value)['status'] == 'fail'
+    # an architecture that cannot be built fails at build, the other checks are not run
+    rec = coverage.check_arch('resnet_does_not_exist', tmp_path, setup=({}, (3, 32, 32)))
+    assert (rec['status'], rec['check'], list(rec['checks'])) == ('fail', 'build', ['build'])
+    assert 'resnet_does_not_exist' in rec['reason']
+
+
+def test_taps_skip_stages_that_end_with_the_final_one():
+    # CoaT-tiny's feature_info stages 1-3 all come out of its parallel blocks, as deep as the final stage: an exit
+    # there would run the whole backbone, so they are no taps (and the one-line error says how many sets fit)
+    with pytest.raises(ValueError, match='only 1 stages that end before its final one. Use sets <= 2'):
+        timm.create_model('sila_coat_tiny', num_classes=10, img_size=32)
+    net = timm.create_model('sila_coat_tiny', num_classes=10, img_size=32, sila_sets=2)
+    assert net.taps == ['serial_blocks1']
+    assert net.stages[0].depth < net.stages[1].depth == net.stages[-1].depth  # found by hooking its blocks
+
+
+def test_depth_by_stop_early_when_feature_info_names_no_modules():
+    # HRNet's feature_info module names are not its modules; depths come from forward_intermediates(stop_early)
+    net = timm.create_model('sila_hrnet_w18_small', num_classes=10)
+    depths = [s.depth for s in net.stages]
+    assert depths[0] == 1 and all(a < b for a, b in zip(depths, depths[1:])) and depths[-1] < net.total_depth
+    assert net.taps == ['stage1', 'stem']
