@@ -282,23 +282,23 @@ def test_output_folder_rules(trained, tmp_path):
 # --- atomic writes ------------------------------------------------------------------------------------------
 def test_failed_write_leaves_no_partial_files(trained, tmp_path, monkeypatch):
     net, x = trained
-    real = strip_module.save_for_hf
+    real = strip_module.save_file
 
-    def disk_full(model, save_directory, **kwargs):
-        with open(os.path.join(save_directory, 'model.safetensors'), 'wb') as f:
+    def disk_full(tensors, filename, *args, **kwargs):
+        with open(filename, 'wb') as f:
             f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00{"partial')
         raise OSError(28, 'No space left on device')
 
-    monkeypatch.setattr(strip_module, 'save_for_hf', disk_full)
+    monkeypatch.setattr(strip_module, 'save_file', disk_full)
     with pytest.raises(OSError, match='No space left'):
         strip(net, 0, tmp_path / 'new')
     assert not (tmp_path / 'new').exists()
 
     old = tmp_path / 'old'
-    monkeypatch.setattr(strip_module, 'save_for_hf', real)
+    monkeypatch.setattr(strip_module, 'save_file', real)
     strip(net, 0, old)
     before = {p.name: p.read_bytes() for p in old.iterdir()}
-    monkeypatch.setattr(strip_module, 'save_for_hf', disk_full)
+    monkeypatch.setattr(strip_module, 'save_file', disk_full)
     with pytest.raises(OSError, match='No space left'):
         strip(net, 2, old, overwrite=True)
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before  # the previous export is untouched
@@ -316,12 +316,12 @@ def test_config_serialization_failure_leaves_nothing(tmp_path):
 KILLED_WRITER = r'''
 import importlib, os, signal, sys, timm, timm_sila
 S = importlib.import_module('timm_sila.shipping')
-def killed(model, save_directory, **kwargs):
-    with open(os.path.join(save_directory, 'model.safetensors'), 'wb') as f:
+def killed(tensors, filename, *args, **kwargs):
+    with open(filename, 'wb') as f:
         f.write(b'partial bytes')
         f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
-S.save_for_hf = killed
+S.save_file = killed
 timm_sila.strip(timm.create_model('sila_resnet18', num_classes=10), 0, sys.argv[1])
 '''
 

@@ -12,7 +12,7 @@ from .logits import SilaLossError, wrap_sila_logits
 from .loss import _check_hparams
 from .taps import choose_taps, probe_stages, resolve_taps
 
-__all__ = ['SilaNet', 'sila_pretrained_cfg']
+__all__ = ['SilaNet', 'sila_pretrained_cfg', 'prune_base']
 
 
 def sila_pretrained_cfg(base_cfg: Dict[str, Any], arch: str) -> Dict[str, Any]:
@@ -34,6 +34,11 @@ def _arch_name(model: nn.Module) -> str:
     if not arch:
         raise ValueError(f'{type(model).__name__} has no pretrained_cfg architecture; create it with timm.create_model.')
     return arch
+
+
+def prune_base(base: nn.Module, tap_index: int) -> None:
+    """Prune a timm model in place to what feature_info stage `tap_index` needs (no later layer, norm or head)."""
+    base.prune_intermediate_layers(indices=[tap_index], prune_norm=True, prune_head=True)
 
 
 class SilaNet(nn.Module):
@@ -136,8 +141,7 @@ class SilaNet(nn.Module):
         if not hasattr(self.base, 'prune_intermediate_layers'):
             raise ValueError(f'{self.arch} has no prune_intermediate_layers(), so its branch {branch} cannot be '
                              f'compressed; branch 0 still works.')
-        self.base.prune_intermediate_layers(
-            indices=[self.tap_indices[branch - 1]], prune_norm=True, prune_head=True)
+        prune_base(self.base, self.tap_indices[branch - 1])
         for k in list(self.heads.keys()):
             if k != str(branch):
                 del self.heads[k]
@@ -145,7 +149,9 @@ class SilaNet(nn.Module):
     # --- forward ----------------------------------------------------------------------------------------
     def _tap_features(self, x: torch.Tensor):
         order = sorted(range(len(self.tap_indices)), key=lambda k: self.tap_indices[k])
-        final, feats = self.base.forward_intermediates(x, indices=[self.tap_indices[k] for k in order])
+        # stop_early=False: some models (Hiera, SAM2 Hiera) stop at the last index by default, set 0 needs them all
+        final, feats = self.base.forward_intermediates(
+            x, indices=[self.tap_indices[k] for k in order], stop_early=False)
         by_set = [None] * len(order)
         for k, feat in zip(order, feats):
             by_set[k] = feat
@@ -214,8 +220,16 @@ class SilaNet(nn.Module):
 
     def sila_args(self) -> Dict[str, Any]:
         """The `sila_*` keyword arguments that rebuild this SilaNet through timm.create_model."""
-        return dict(sila_sets=self.sets, sila_beta=self.beta, sila_decay=self.decay, sila_taps=list(self.taps),
+        return dict(sila_sets=self.sets, sila_beta=self.beta, sila_decay=self.decay, sila_taps=self.tap_args(),
                     sila_branch=self.branch, sila_head=self.head_type, sila_stripped=self.stripped)
+
+    def tap_args(self) -> List[Union[str, int]]:
+        """The taps as `sila_taps` takes them: module names, or feature_info indices where a name is shared by
+        several stages (e.g. CrossViT's two branches, CoaT's parallel blocks)."""
+        names = [s.module for s in self.stages]
+        if all(names.count(t) == 1 for t in self.taps):
+            return list(self.taps)
+        return list(self.tap_indices)
 
     def extra_repr(self) -> str:
         return (f'arch={self.arch}, num_classes={self.num_classes}, sets={self.sets}, beta={self.beta}, '

@@ -4,6 +4,7 @@ Branch 0 is written as the plain base architecture (loads in timm without timm_s
 `sila_<arch>` (backbone up to tap k + head k) that loads after `import timm_sila`. Both are the files
 `timm.models.save_for_hf` writes: `model.safetensors` + `config.json`.
 """
+import copy
 import os
 import shutil
 import tempfile
@@ -13,10 +14,11 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch.nn as nn
 
 import timm
-from timm.models import save_for_hf
+from safetensors.torch import save_file
+from timm.models._hub import save_config_for_hf
 
 from .checkpoint import Checkpoint, create_with_img_size, load_silanet, read_checkpoint
-from .model import SilaNet
+from .model import SilaNet, prune_base
 
 __all__ = ['strip', 'load_stripped', 'export_model', 'model_info', 'create_with_img_size']
 
@@ -63,7 +65,12 @@ def export_model(net: SilaNet, branch: int = 0) -> nn.Module:
                          f'to a smaller model; strip(..., branch=0) still exports the base model.')
     sila = dict(net.sila_args(), sila_branch=branch, sila_stripped=True)
     model = timm.create_model(f'sila_{net.arch}', **base_args, **sila)
-    source = net.state_dict()
+    # Prune a copy of the trained base the way the stripped model was pruned: some models' pruning reshapes
+    # parameters (EfficientViM slices its per-stage `weights`), so the full model's tensors would not fit.
+    pruned = copy.deepcopy(net.base)
+    prune_base(pruned, net.tap_indices[branch - 1])
+    source = {f'base.{k}': v for k, v in pruned.state_dict().items()}
+    source.update({f'heads.{branch}.{k}': v for k, v in net.heads[str(branch)].state_dict().items()})
     wanted = model.state_dict()
     absent = [k for k in wanted if k not in source]
     if absent:
@@ -99,9 +106,20 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _unshared(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """The state_dict with each tensor whose storage an earlier one uses cloned (safetensors needs no sharing)."""
+    seen, out = set(), {}
+    for key, value in state_dict.items():
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.detach().clone() if ptr in seen else value.detach().contiguous()
+        seen.add(ptr)
+    return out
+
+
 def write_atomic(model: nn.Module, out_dir: Path, model_args: Dict[str, Any],
                  data_config: Optional[Dict[str, Any]] = None) -> None:
-    """save_for_hf into a temp folder inside out_dir, then rename into place.
+    """What save_for_hf writes (safetensors weights, save_config_for_hf's config.json), into a temp folder
+    inside out_dir, then renamed into place.
 
     config.json is the commit marker: an old one is removed before the weights are replaced and the new one is
     renamed in last, so a failure or kill at any point never leaves a config.json beside foreign or partial
@@ -113,7 +131,10 @@ def write_atomic(model: nn.Module, out_dir: Path, model_args: Dict[str, Any],
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out_dir))
     try:
-        save_for_hf(model, tmp, model_args=model_args, safe_serialization=True, data_config=data_config or None)
+        # save_for_hf's weights step, with tensors that share storage copied apart: safetensors refuses shared
+        # storage (CoaT shares its conv position encoders), timm loads every key back strictly.
+        save_file(_unshared(model.state_dict()), str(tmp / WEIGHTS_NAME))
+        save_config_for_hf(model, tmp / CONFIG_NAME, model_args=model_args, data_config=data_config or None)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             if not (tmp / name).is_file():
                 raise RuntimeError(f'timm save_for_hf did not write {name}.')
@@ -225,7 +246,7 @@ def model_info(model: str, num_classes: int, img_size: Optional[int] = None, set
             params, exit_at = base_params, 'classifier'
         else:
             stripped = create_with_img_size(
-                name, img_size, **dict(kwargs, sila_taps=list(net.taps), sila_sets=net.sets),
+                name, img_size, **dict(kwargs, sila_taps=net.tap_args(), sila_sets=net.sets),
                 sila_branch=k, sila_stripped=True)
             params, exit_at = count_params(stripped), net.taps[k - 1]
         rows.append(dict(branch=k, exit=exit_at, params=params, size_mb=params * 4 / MB,
