@@ -34,22 +34,14 @@ def _grads(fn, x, head):
     return out.detach(), x.grad, head.weight.grad.clone(), head.bias.grad.clone()
 
 
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=['fp64', 'fp32'])
 @pytest.mark.parametrize('h,w', SHAPES)
-def test_fast_equals_conv_fp64_tight(h, w):
-    head, x = _head_and_input(h, w, torch.float64)
+def test_fast_equals_conv_within_rounding(h, w, dtype, tol):
+    head, x = _head_and_input(h, w, dtype)
     fast = _grads(head, x, head)
     ref = _grads(lambda t: _reference(t, head.weight, head.bias), x, head)
     for a, b, name in zip(fast, ref, ('output', 'grad input', 'grad weight', 'grad bias')):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f'{name} differs at {h}x{w}')
-
-
-@pytest.mark.parametrize('h,w', SHAPES)
-def test_fast_equals_conv_fp32_within_rounding(h, w):
-    head, x = _head_and_input(h, w, torch.float32)
-    fast = _grads(head, x, head)
-    ref = _grads(lambda t: _reference(t, head.weight, head.bias), x, head)
-    for a, b, name in zip(fast, ref, ('output', 'grad input', 'grad weight', 'grad bias')):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f'{name} differs at {h}x{w}')
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f'{name} differs at {h}x{w} in {dtype}')
 
 
 @pytest.mark.parametrize('h,w', [(1, 1), (2, 2), (5, 6), (7, 7)])

@@ -6,6 +6,7 @@ Each subcommand is an `add_<name>_parser(subparsers)` function that adds its par
 """
 import argparse
 import json
+import math
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -91,7 +92,7 @@ def run_strip(args: argparse.Namespace) -> int:
                 head=args.head, img_size=args.img_size, **_parse_kwargs(args.model_kwargs))
     config = json.loads((out / CONFIG_NAME).read_text())
     with safe_open(str(out / WEIGHTS_NAME), framework='pt') as f:
-        params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     result = dict(out_dir=str(out), branch=args.branch, architecture=config['architecture'],
                   num_classes=config['num_classes'], stored_values=params,
                   files={name: (out / name).stat().st_size for name in (WEIGHTS_NAME, CONFIG_NAME)})
@@ -105,13 +106,6 @@ def run_strip(args: argparse.Namespace) -> int:
               f'branch {args.branch} as {config["architecture"]} (num_classes={config["num_classes"]}); '
               f'load with {loader}')
     return 0
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 # --- info ---------------------------------------------------------------------------------------------------
