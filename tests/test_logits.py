@@ -61,3 +61,9 @@ def test_model_output_metadata_matches_model():
     assert (out.shape, out.dtype, out.requires_grad) == ((2, 30), torch.float32, True)
     target = torch.tensor([1, 2])
     torch.testing.assert_close(nn.CrossEntropyLoss()(out, target), SilaLoss(10, 0.3, 0.7)(out.unwrap(), target))
+
+
+def test_ignore_index_targets_are_rejected_not_ignored():
+    logits, _, _ = _pair()
+    with pytest.raises(ValueError, match=r'\[0, 10\)'):
+        F.cross_entropy(logits, torch.tensor([0, -100, 2, 3]))

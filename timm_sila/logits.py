@@ -140,8 +140,7 @@ def _cross_entropy(input, target, weight=None, size_average=None, ignore_index=-
                             'loss. ' + _SUPPORTED)
     state = _sila_state(input)
     plain = input.unwrap()
-    if not target.is_floating_point() and bool((target == ignore_index).any()):
-        raise SilaLossError(f'Targets contain ignore_index={ignore_index}; the Sila loss does not ignore samples.')
+    # ignore_index needs no check of its own: sila_cross_entropy rejects any target outside [0, N) (one sync a step)
     return sila_cross_entropy(plain, target, state.num_classes, state.beta, state.decay,
                               smoothing=label_smoothing, reduction=reduction)
 
