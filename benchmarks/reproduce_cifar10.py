@@ -30,6 +30,13 @@ DEFAULT_DATA = ROOT.parent / 'shared' / 'data' / 'cifar10'
 # 50k/10k split, timm's ImageNet stem (no CIFAR stem), SGD momentum 0.9 lr 0.1 wd 5e-4, batch 128, milestones
 # [30, ..., 240] scaled to the epochs ('scaled') or as published ('paper'), lr x0.5 at each.
 PROTOCOLS = {
+    # Converged evidence, part (a): timm's test_resnet (374k params, ResNet layout: same taps as ResNet18) small
+    # enough to reach its plateau on a CPU; 5 seeds, a held-out 10 % of train (calibration / tuning, never test).
+    'small': dict(model='sila_test_resnet', epochs=15, seeds=[0, 1, 2, 3, 4], recipe='scaled', jobs=2, threads=1,
+                  val_fraction=0.1),
+    # Part (b): the paper's ResNet18 under the same protocol, as many epochs as the budget allows.
+    'resnet18': dict(model='sila_resnet18', epochs=24, seeds=[0, 1, 2], recipe='scaled', jobs=2, threads=1,
+                     val_fraction=0.1),
     # 2 CPU cores shared with other work: one torch thread per process (2 threads on the oversubscribed box were
     # 3-10x slower), the three seeds as three parallel processes. On an idle core a 128-image step takes
     # ~0.22 s (base) / ~0.24 s (Sila): ~190 CPU-s per seed-epoch for both models, ~19 CPU-min for this
@@ -69,10 +76,15 @@ def run_seeds(cfg, args, out: Path):
                    '--also-base', '--epochs', str(cfg['epochs']), '--recipe', cfg['recipe'], '--seed', str(seed),
                    '--img-size', str(args.img_size), '--batch-size', str(args.batch_size),
                    '--out', str(seed_out), '--threads', str(cfg['threads']), '--cache', str(args.cache),
-                   '--no-progress']
+                   '--no-progress', '--val-fraction', str(cfg.get('val_fraction', 0.0)),
+                   '--state', str(args.state_dir / f'seed{seed}.pt')]
+            if args.device:
+                cmd += ['--device', args.device]
+            if args.channels_last:
+                cmd += ['--channels-last']
             if args.limit:
                 cmd += ['--limit', str(args.limit)]
-            log = open(seed_out / 'stdout.log', 'w')
+            log = open(seed_out / 'stdout.log', 'a')
             print(f'seed {seed}: {" ".join(cmd)}', flush=True)
             running[seed] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
         time.sleep(5)
@@ -90,6 +102,72 @@ def run_seeds(cfg, args, out: Path):
     return results
 
 
+# two-sided 95 % Student t quantiles t_{0.975, df}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def paired_ci(deltas):
+    """Mean, std and the 95 % paired-t confidence interval of per-seed differences; significant = 0 outside it."""
+    n = len(deltas)
+    mean = statistics.fmean(deltas)
+    if n < 2:
+        return dict(mean=mean, std=None, ci95=None, significant=None, n=n)
+    std = statistics.stdev(deltas)
+    t = T975[max(k for k in T975 if k <= n - 1)]
+    half = t * std / n ** 0.5
+    return dict(mean=mean, std=std, ci95=[mean - half, mean + half], significant=not (mean - half <= 0 <= mean + half),
+                n=n)
+
+
+def plateau(rows, key, fraction=0.2):
+    """Range (max - min) and least-squares slope per epoch of `key` over the last `fraction` of the epochs."""
+    tail = rows[-max(2, int(round(fraction * len(rows)))):]
+    xs, ys = [r['epoch'] for r in tail], [r[key] for r in tail]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
+    return dict(epochs=[xs[0], xs[-1]], range=max(ys) - min(ys), slope_per_epoch=slope)
+
+
+def epoch_curves(out: Path, seeds, model: str):
+    """Per-epoch test top-1 of every seed from its log.json: {'base ACC1': [[...per epoch] per seed], ...}."""
+    curves = {}
+    for seed in seeds:
+        rows = json.loads((out / f'seed{seed}' / 'log.json').read_text())['epochs']
+        for row in rows:
+            for k, v in row.items():
+                if k.startswith('ACC') or k == 'ENS':
+                    name = f"{'base' if row['run'] == 'base' else 'Sila'} {k}"
+                    curves.setdefault(name, {}).setdefault(seed, []).append((row['epoch'], v))
+    return curves
+
+
+def plot_curves(curves, path: Path, title: str):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, per_seed in curves.items():
+        if name.endswith('ENS'):
+            continue
+        seeds = sorted(per_seed)
+        epochs = [e for e, _ in per_seed[seeds[0]]]
+        mean = [statistics.fmean(per_seed[s][i][1] for s in seeds) for i in range(len(epochs))]
+        ax.plot(epochs, mean, marker='.', label=f'{name} (mean of {len(seeds)} seeds)')
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('CIFAR-10 test top-1 (%)')
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def summarize(results, cfg, args, wall_s):
     seeds = sorted(results)
     base = [results[s]['runs']['base'] for s in seeds]
@@ -104,6 +182,9 @@ def summarize(results, cfg, args, wall_s):
     deltas = {f'Sila ACC{j + 1} - base ACC1': [r['branches'][j]['top1'] - b0 for r, b0 in zip(sila, base_acc)]
               for j in range(sets)}
     deltas['Sila ensemble - base ACC1'] = [r['ensemble']['top1'] - b0 for r, b0 in zip(sila, base_acc)]
+    curves = epoch_curves(args.out, seeds, cfg['model'])
+    plateaus = {name: [plateau([dict(epoch=e, v=v) for e, v in per_seed[s]], 'v') for s in seeds]
+                for name, per_seed in curves.items()}
     # wall-clock: training time per epoch; the two runs alternate epochs in the same process
     ratio = [r['train_time_s'] / b['train_time_s'] for r, b in zip(sila, base)]
     sizes = sila[0]['branches']
@@ -113,7 +194,8 @@ def summarize(results, cfg, args, wall_s):
         cpu_count=os.cpu_count(), torch=torch.__version__,
         topk={name: [mean_std(v) for v in vals] for name, vals in rows.items()},
         per_seed_top1={name: vals[0] for name, vals in rows.items()},
-        deltas={name: dict(zip(('mean', 'std'), mean_std(v)), per_seed=v) for name, v in deltas.items()},
+        deltas={name: dict(paired_ci(v), per_seed=v) for name, v in deltas.items()},
+        plateau_last_fifth=plateaus, git_commit=args.commit,
         epoch_time_s=dict(base=mean_std([b['train_time_per_epoch_s'] for b in base]),
                           sila=mean_std([r['train_time_per_epoch_s'] for r in sila])),
         sila_over_base_time=dict(zip(('mean', 'std'), mean_std(ratio)), per_seed=ratio),
@@ -126,9 +208,18 @@ def summarize(results, cfg, args, wall_s):
              '|---|' + '---:|' * k]
     for name, vals in rows.items():
         lines.append(f'| {name} | ' + ' | '.join(fmt(v) for v in vals) + ' |')
-    lines += ['', '| paired difference (top-1, percentage points) | mean ± std | per seed |', '|---|---:|---|']
+    lines += ['', '| paired difference (top-1, points) | mean ± std | 95 % CI (paired t) | significant | per seed |',
+              '|---|---:|---:|---|---|']
     for name, v in deltas.items():
-        lines.append(f'| {name} | {fmt(v)} | {", ".join(f"{d:+.2f}" for d in v)} |')
+        ci = summary['deltas'][name]
+        ci_text = '-' if ci['ci95'] is None else f"[{ci['ci95'][0]:+.2f}, {ci['ci95'][1]:+.2f}]"
+        sig = '-' if ci['significant'] is None else ('yes' if ci['significant'] else 'no')
+        lines.append(f'| {name} | {fmt(v)} | {ci_text} | {sig} | {", ".join(f"{d:+.2f}" for d in v)} |')
+    lines += ['', f'Plateau check, last fifth of the epochs (max - min of test top-1, mean over seeds):']
+    for name, per_seed in plateaus.items():
+        lines.append(f"- {name}: range {statistics.fmean(p['range'] for p in per_seed):.2f} points, slope "
+                     f"{statistics.fmean(p['slope_per_epoch'] for p in per_seed):+.3f} points/epoch "
+                     f"(epochs {per_seed[0]['epochs'][0]}-{per_seed[0]['epochs'][1]})")
     lines += ['', '| output set | exit | params | MB (fp32) | CR |', '|---|---|---:|---:|---:|']
     for b in sizes:
         lines.append(f"| {b['branch']} | {b['exit']} | {b['params']:,} | {b['size_mb']:.2f} | "
@@ -153,6 +244,12 @@ def main(argv=None):
     p.add_argument('--img-size', type=int, default=32)
     p.add_argument('--batch-size', type=int, default=128)
     p.add_argument('--limit', type=int, default=None, help='images per split (smoke tests only)')
+    p.add_argument('--state-dir', type=Path, default=None,
+                   help='per-seed resumable training states (default ~/.cache/timm-sila/reproduce/<protocol>): '
+                        'an interrupted run continues from its last finished epoch')
+    p.add_argument('--device', default=None, help='cpu / cuda (default: cuda when available)')
+    p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
+    p.add_argument('--summarize-only', action='store_true', help='rebuild the summary from the seeds\' results')
     args = p.parse_args(argv)
     if args.protocol == 'auto':
         args.protocol = 'gpu' if torch.cuda.is_available() else 'cpu'
@@ -165,6 +262,13 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = f'_{args.limit}' if args.limit else ''
     args.cache = args.cache or args.out / f'cifar10_uint8_{args.img_size}{suffix}.pt'
+    args.state_dir = args.state_dir or Path.home() / '.cache' / 'timm-sila' / 'reproduce' / f'{args.protocol}{suffix}'
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        args.commit = subprocess.run(['git', '-C', str(ROOT), 'rev-parse', 'HEAD'], capture_output=True,
+                                     text=True).stdout.strip() or None
+    except OSError:
+        args.commit = None
     print(f'protocol {args.protocol}: {cfg}', flush=True)
 
     start = time.time()
@@ -173,8 +277,14 @@ def main(argv=None):
         import train_cifar
         train_cifar.load_data(args.data_dir, args.img_size, args.limit, args.cache)
         print(f'decoded {args.data_dir} into {args.cache} ({time.time() - start:.0f}s)', flush=True)
-    results = run_seeds(cfg, args, args.out)
+    if args.summarize_only:
+        results = {s: json.loads((args.out / f'seed{s}' / 'results.json').read_text()) for s in cfg['seeds']
+                   if (args.out / f'seed{s}' / 'results.json').is_file()}
+    else:
+        results = run_seeds(cfg, args, args.out)
     summary, table = summarize(results, cfg, args, time.time() - start)
+    png = plot_curves(epoch_curves(args.out, sorted(results), cfg['model']), args.out / 'accuracy.png',
+                      f"{cfg['model']} vs {cfg['model'][5:]}, CIFAR-10, {cfg['epochs']} epochs, seeds {sorted(results)}")
     with open(args.out / 'summary.json', 'w') as f:
         json.dump(summary, f, indent=2)
     (args.out / 'summary.md').write_text(table + '\n')

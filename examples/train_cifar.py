@@ -184,7 +184,10 @@ def train_one_epoch(run: Run, x, y, mean, std, epoch: int, args, milestones) -> 
             group['lr'] = lr
         idx = order[step * args.batch_size:(step + 1) * args.batch_size]
         images = normalize(augment(x[idx.to(x.device)], run.gen), mean, std)
-        loss = run.criterion(model(images), y[idx.to(y.device)])  # SilaNet: (B, M*N) SilaLogits, one softmax
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = run.criterion(model(images), y[idx.to(y.device)])  # SilaNet: (B, M*N) SilaLogits, one softmax
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
@@ -254,6 +257,44 @@ def save_checkpoint(path: Path, model: nn.Module, arch: str, args, num_classes: 
     os.replace(str(path) + '.tmp', path)
 
 
+# --- resumable state: everything an interrupted run needs to continue bit for bit -----------------------------------
+def state_key(args, num_classes: int) -> Dict:
+    """What must match for a saved state to be continued (epochs only matter when the schedule depends on them)."""
+    keys = ('model', 'model_kwargs', 'also_base', 'img_size', 'limit', 'val_fraction', 'recipe', 'batch_size', 'lr',
+            'momentum', 'nesterov', 'weight_decay', 'gamma', 'sets', 'beta', 'decay', 'seed', 'channels_last', 'bf16')
+    key = {k: getattr(args, k) for k in keys}
+    key.update(num_classes=num_classes, data=str(args.data_dir))
+    if args.recipe != 'paper':
+        key['epochs'] = args.epochs
+    return key
+
+
+def save_state(path: Path, runs: List[Run], epoch: int, key: Dict) -> None:
+    """After `epoch` epochs: weights, optimizer, data generator, logs of every run (tmp file, then rename)."""
+    state = dict(key=key, epoch=epoch, runs=[dict(
+        name=r.name, model=r.model.state_dict(), optimizer=r.optimizer.state_dict(), gen=r.gen.get_state(),
+        rows=r.rows, train_time=r.train_time) for r in runs])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, str(path) + '.tmp')
+    os.replace(str(path) + '.tmp', path)
+
+
+def load_state(path: Path, runs: List[Run], key: Dict, device) -> int:
+    """Restore a state saved by `save_state` with the same key; returns the epochs already done (0: none)."""
+    if not path.is_file():
+        return 0
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state.get('key') != key:
+        raise SystemExit(f'{path} holds a run with other settings ({state.get("key")}); '
+                         f'pass another --state file or delete it.')
+    for run, saved in zip(runs, state['runs']):
+        run.model.load_state_dict(saved['model'])
+        run.optimizer.load_state_dict(saved['optimizer'])
+        run.gen.set_state(saved['gen'].cpu())
+        run.rows, run.train_time = saved['rows'], saved['train_time']
+    return int(state['epoch'])
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data-dir', type=Path, default=DEFAULT_DATA, help='ImageFolder root with train/ and test/')
@@ -281,6 +322,11 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     p.add_argument('--device', default=None, help='cuda / cpu (default: cuda when available)')
+    p.add_argument('--channels-last', action='store_true', help='channels_last memory format (model and inputs)')
+    p.add_argument('--bf16', action='store_true', help='bfloat16 autocast for the training forward/loss')
+    p.add_argument('--state', type=Path, default=None,
+                   help='per-epoch resumable state file (keep it outside the repo): an interrupted run continues '
+                        'from its last finished epoch; with --recipe paper also a run extended with more --epochs')
     p.add_argument('--out', type=Path, default=Path('output/train_cifar'))
     p.add_argument('--no-strip', action='store_true', help='do not write the stripped branch folders')
     p.add_argument('--no-progress', dest='progress', action='store_false', help='no per-epoch progress bar')
@@ -335,7 +381,7 @@ def main(argv=None, data: Optional[Dict] = None) -> Dict:
     milestones = milestones_for(args.recipe, args.epochs)
     runs = build_runs(args, num_classes)
     for run in runs:
-        run.model.to(device)
+        run.model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     sila = runs[0].model
     print(f'{args.model}: taps {sila.taps} (set 1 = deepest), beta {sila.beta}, lambda {sila.decay}; '
           f'SGD lr {args.lr} momentum {args.momentum} wd {args.weight_decay}, {args.epochs} epochs, '
@@ -346,7 +392,14 @@ def main(argv=None, data: Optional[Dict] = None) -> Dict:
     test_loader = test_batches(x_test, y_test, mean, std)
     val_loader = test_batches(*val, mean, std) if val is not None else None
     start = time.time()
-    for epoch in range(args.epochs):
+    key = state_key(args, num_classes)
+    done = load_state(args.state, runs, key, device) if args.state else 0
+    if done:
+        print(f'resumed from {args.state}: {done} epoch(s) done', flush=True)
+    meta = dict(model=args.model, arch=arch, num_classes=num_classes, source=source, seed=args.seed,
+                args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                milestones=milestones, taps=list(sila.taps), device=str(device), threads=torch.get_num_threads())
+    for epoch in range(done, args.epochs):
         for run in runs:
             t_epoch = time.time()
             loss = train_one_epoch(run, x_train, y_train, mean, std, epoch, args, milestones)
@@ -364,11 +417,9 @@ def main(argv=None, data: Optional[Dict] = None) -> Dict:
             accs = '  '.join(f'{k} {v:5.2f}' for k, v in accuracies(result).items())
             print(f'[{run.name}] epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  {accs}  '
                   f'({train_s:.0f}s train, {time.time() - start:.0f}s total)', flush=True)
-        meta = dict(model=args.model, arch=arch, num_classes=num_classes, source=source, seed=args.seed,
-                    args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                    milestones=milestones, taps=list(sila.taps), device=str(device),
-                    threads=torch.get_num_threads())
         write_logs(out, runs, meta)  # rewritten every epoch: a killed run keeps its log
+        if args.state:
+            save_state(args.state, runs, epoch + 1, key)
     png = plot_curves(out, runs, f'{args.model} on {Path(source).name}')
 
     # (7) final evaluation, checkpoints, stripped branches
