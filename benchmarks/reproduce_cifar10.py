@@ -32,7 +32,7 @@ DEFAULT_DATA = ROOT.parent / 'shared' / 'data' / 'cifar10'
 PROTOCOLS = {
     # Converged evidence, part (a): timm's test_resnet (374k params, ResNet layout: same taps as ResNet18) small
     # enough to reach its plateau on a CPU; 5 seeds, a held-out 10 % of train (calibration / tuning, never test).
-    'small': dict(model='sila_test_resnet', epochs=15, seeds=[0, 1, 2, 3, 4], recipe='scaled', jobs=2, threads=1,
+    'small': dict(model='sila_test_resnet', epochs=12, seeds=[0, 1, 2, 3, 4], recipe='scaled', jobs=2, threads=1,
                   val_fraction=0.1),
     # Part (b): the paper's ResNet18 under the same protocol, as many epochs as the budget allows.
     'resnet18': dict(model='sila_resnet18', epochs=24, seeds=[0, 1, 2], recipe='scaled', jobs=2, threads=1,
