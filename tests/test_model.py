@@ -63,27 +63,46 @@ def test_eval_branches_agree_with_one_pass(arch):
     model.branch = 0
 
 
+# (rule 'depth' = the default, paper Sec 2.2; rule 'stages' = the M-1 stages before the final one, Table 3 layout)
+PINNED_TAPS = {
+    'resnet18': (['layer3', 'layer1'], ['layer3', 'layer2']),
+    'vgg19_bn': (['features.38', 'features.25'], ['features.38', 'features.25']),
+    'mobilenetv1_100': (['blocks.3', 'blocks.2'], ['blocks.3', 'blocks.2']),
+    'wide_resnet50_2': (['layer3', 'layer2'], ['layer3', 'layer2']),
+    'densenet121': (['features.denseblock3', 'features.denseblock2'], ['features.denseblock3', 'features.denseblock2']),
+    'inception_v3': (['Mixed_6e', 'Mixed_5d'], ['Mixed_6e', 'Mixed_5d']),
+    'efficientnet_b0': (['blocks.4', 'blocks.2'], ['blocks.4', 'blocks.2']),
+    'convnext_atto': (['stages.2', 'stages.1'], ['stages.2', 'stages.1']),
+    'regnetx_002': (['s3', 's2'], ['s3', 's2']),
+    'vit_tiny_patch16_224': (['blocks.7', 'blocks.3'], ['blocks.10', 'blocks.9']),
+    'swin_tiny_patch4_window7_224': (['layers.2', 'layers.1'], ['layers.2', 'layers.1']),
+}
+
+
 @pytest.mark.parametrize('arch', ARCHS)
-def test_taps_obey_the_paper_rule(arch):
+def test_tap_rules_pinned(arch):
     model, _ = build_sila(arch)
-    stages, depth, sets = model.stages, model.total_depth, model.sets
-    taps = model.tap_indices
-    assert len(taps) == sets - 1
-    assert all(a > b for a, b in zip(taps, taps[1:])), 'set 1 must be the deepest tap'
-    assert taps[0] < len(stages) - 1, 'the final stage is never tapped'
-    upper = len(stages) - 1
-    for k, tap in enumerate(taps, start=1):
-        target = depth * (sets - k) / sets
-        for other in range(sets - 1 - k, upper):
-            assert abs(stages[tap].depth - target) <= abs(stages[other].depth - target)
-        upper = tap
-    assert model.taps == [stages[i].module for i in taps]
+    by_depth, by_stages = PINNED_TAPS[arch]
+    assert model.taps == by_depth  # default rule
+    for rule, expected in (('depth', by_depth), ('stages', by_stages)):
+        got = choose_taps(model.stages, model.total_depth, model.sets, rule)
+        assert [model.stages[i].module for i in got] == expected, rule
 
 
-@pytest.mark.parametrize('arch,set1_tap', [('resnet18', 'layer3'), ('vgg19_bn', 'features.38')])
-def test_paper_table3_taps(arch, set1_tap):
-    model, _ = build_sila(arch)
-    assert model.taps[0] == set1_tap
+def test_tap_rule_by_name_builds_those_taps():
+    model = SilaNet('resnet18', num_classes=10, taps='stages')
+    assert model.taps == ['layer3', 'layer2']
+    assert model.tap_args() == ['layer3', 'layer2']  # checkpoints record the resolved stages, not the rule
+    with pytest.raises(ValueError, match='not a stage'):
+        SilaNet('resnet18', num_classes=10, sets=2, taps='by_width')
+
+
+def test_depth_rule_picks_nearest_stage_per_set():
+    from timm_sila.taps import Stage
+    # D = 24, M = 3: targets 16 and 8; depths 3, 7, 12, 17, 24 -> 17 (index 3) and 7 (index 1)
+    stages = [Stage(i, f's{i}', 8, d) for i, d in enumerate([3, 7, 12, 17, 24])]
+    assert choose_taps(stages, 24, 3) == [3, 1]
+    assert choose_taps(stages, 24, 3, 'stages') == [3, 2]
 
 
 def test_tap_rule_ties_go_deeper():

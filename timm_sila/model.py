@@ -10,7 +10,7 @@ from timm.models._manipulate import group_with_matcher
 from .heads import create_head
 from .logits import SilaLossError, wrap_sila_logits
 from .loss import _check_hparams
-from .taps import choose_taps, probe_stages, resolve_taps
+from .taps import TAP_RULES, choose_taps, probe_stages, resolve_taps
 
 __all__ = ['SilaNet', 'sila_pretrained_cfg', 'prune_base']
 
@@ -97,8 +97,11 @@ class SilaNet(nn.Module):
         self.stripped = False  # set below, once the branch is fixed
         stages, self.total_depth = probe_stages(base)
         self.stages = stages
+        if isinstance(taps, (list, tuple)) and len(taps) == 1 and taps[0] in TAP_RULES:
+            taps = taps[0]  # e.g. CLI `--taps stages`
+        rule = 'depth' if taps is None else taps if isinstance(taps, str) and taps in TAP_RULES else None
         self.tap_indices: List[int] = (
-            choose_taps(stages, self.total_depth, sets) if taps is None else resolve_taps(taps, stages, sets))
+            choose_taps(stages, self.total_depth, sets, rule) if rule else resolve_taps(taps, stages, sets))
         self.taps: List[str] = [stages[i].module for i in self.tap_indices]
         self._branch = 0
         self.branch = branch

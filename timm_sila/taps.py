@@ -6,7 +6,10 @@ import torch
 import torch.nn as nn
 from timm.models import get_model_input_config
 
-__all__ = ['Stage', 'probe_stages', 'choose_taps', 'resolve_taps']
+__all__ = ['Stage', 'TAP_RULES', 'probe_stages', 'choose_taps', 'resolve_taps']
+
+# Named tap rules (`sila_taps='depth'` / `'stages'`); None means 'depth'.
+TAP_RULES = ('depth', 'stages')
 
 _WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -128,19 +131,27 @@ def probe_stages(model: nn.Module) -> Tuple[List[Stage], int]:
     return stages, total
 
 
-def choose_taps(stages: Sequence[Stage], total_depth: int, sets: int) -> List[int]:
-    """Paper rule: set k (1..M-1) taps the stage whose depth is nearest D·(M-k)/M, ties to the deeper one.
+def choose_taps(stages: Sequence[Stage], total_depth: int, sets: int, rule: str = 'depth') -> List[int]:
+    """Tap stage indices in set order (set 1 deepest) by a named rule:
 
-    Taps are strictly decreasing in depth order (set 1 deepest) and never the final stage nor a stage that ends
-    as deep as it (e.g. CoaT's parallel blocks or HRNet's fused branches give several feature_info stages at once;
-    an exit there would run the whole backbone and save nothing). Returns stage indices in set order.
+    * 'depth' (paper Sec 2.2, the default): set k (1..M-1) taps the stage whose depth is nearest D·(M-k)/M,
+      ties to the deeper one;
+    * 'stages' (the layout of the paper's Table 3 models): the M-1 stages right before the final one.
+
+    Taps are strictly decreasing in depth order and never the final stage nor a stage that ends as deep as it
+    (e.g. CoaT's parallel blocks or HRNet's fused branches give several feature_info stages at once; an exit there
+    would run the whole backbone and save nothing).
     """
+    if rule not in TAP_RULES:
+        raise ValueError(f'Unknown tap rule {rule!r}; use one of {list(TAP_RULES)} or a list of stages.')
     usable = 0  # stages 0..usable-1 end before the final stage
     while usable < len(stages) - 1 and stages[usable].depth < stages[-1].depth:
         usable += 1
     if sets - 1 > usable:
         raise ValueError(f'sets={sets} needs {sets - 1} tap stages, but the model has only {usable} stages that end '
                          f'before its final one. Use sets <= {usable + 1}.')
+    if rule == 'stages':
+        return [usable - k for k in range(1, sets)]
     taps, upper = [], usable
     for k in range(1, sets):
         target = total_depth * (sets - k) / sets
