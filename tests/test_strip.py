@@ -122,6 +122,24 @@ def test_branch0_loads_bitwise_equal_in_plain_timm(trained, tmp_path):
     assert result == dict(equal=[True, True, True], cls='ResNet', sila_imported=False)
 
 
+@pytest.mark.parametrize('branch', [0, 1])
+def test_config_holds_only_what_is_true_of_the_export(tmp_path, branch):
+    """A base created from a tagged name (weights a1_in1k, hub id, license, paper) is exported with other
+    weights: config.json keeps the data config, never the tag or the origin of weights it does not hold."""
+    net = timm.create_model('sila_resnet18.a1_in1k', num_classes=10)  # the tag's cfg, random weights
+    assert net.pretrained_cfg['tag'] == 'a1_in1k' and net.base.pretrained_cfg.get('hf_hub_id')
+    out = strip(net, branch, tmp_path / 'out')
+    cfg = json.loads((out / 'config.json').read_text())
+    pretrained = cfg['pretrained_cfg']
+    assert not {'tag', 'url', 'hf_hub_id', 'hf_hub_filename', 'file', 'source', 'license', 'origin_url',
+                'paper_ids', 'paper_name', 'notes', 'label_names'} & set(pretrained)
+    assert 'a1_in1k' not in json.dumps(cfg) and 'http' not in json.dumps(cfg)
+    assert (pretrained['mean'], pretrained['std'], pretrained['crop_pct'], pretrained['interpolation']) == (
+        [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 0.95, 'bicubic')  # a1_in1k's data config is kept
+    assert pretrained['num_classes'] == cfg['num_classes'] == 10
+    assert load_stripped(out).pretrained_cfg['crop_pct'] == 0.95
+
+
 # --- branch k >= 1: the stripped sila_<arch> ----------------------------------------------------------------
 @pytest.mark.parametrize('branch', [1, 2])
 def test_branch_k_keeps_only_prefix_and_head(trained, tmp_path, branch):

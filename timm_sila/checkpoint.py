@@ -1,29 +1,36 @@
 """Safe reading of SilaNet checkpoints: timm train.py `*.pth.tar`, plain state_dicts and `.safetensors`.
 
 Files are read with `torch.load(..., weights_only=True)` (allow-listing only `argparse.Namespace`, which timm's
-train.py stores as `args`) or with safetensors; arbitrary pickles are refused.
+train.py stores as `args`) or with safetensors; arbitrary pickles are refused. What a file says about its model
+passes `timm_sila.config`'s checks: its create_model kwargs the allow-list (anything that loads, fetches or writes
+is refused with UnsafeFileError), its data config the range checks, its model name the registry. Weights are
+loaded strictly and never cast across kinds (an integer tensor where the model holds floats is refused). Every
+failure to read is a CheckpointError (or FileNotFoundError / IsADirectoryError / PermissionError) naming the file.
 """
 import argparse
+import json
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 import timm
 
+from .config import (
+    SILA_PREFIX, CheckpointError, UnsafeFileError, sanitize_file_data_config, sanitize_file_model_kwargs)
 from .model import SilaNet
 
-__all__ = ['CheckpointError', 'Checkpoint', 'read_checkpoint', 'load_silanet', 'create_with_img_size']
+__all__ = ['CheckpointError', 'UnsafeFileError', 'Checkpoint', 'read_checkpoint', 'read_safetensors',
+           'load_silanet', 'load_state_dict_checked', 'create_with_img_size']
 
-_SILA_PREFIX = 'sila_'
-_DATA_KEYS = ('input_size', 'img_size', 'in_chans', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read safely, is not a SilaNet's, or does not match the named model."""
+_NAME_CHARS = frozenset('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-')
+# exceptions torch.load / safetensors raise on a truncated, corrupt or crafted file
+_READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                UnicodeDecodeError, OverflowError, MemoryError)
 
 
 @dataclass
@@ -33,8 +40,8 @@ class Checkpoint:
     state_dict: Dict[str, torch.Tensor]
     state_dict_ema: Optional[Dict[str, torch.Tensor]] = None
     model_name: Optional[str] = None  # e.g. 'sila_resnet18', from train.py's args.model / arch
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # create_model kwargs recorded by train.py
-    data_config: Dict[str, Any] = field(default_factory=dict)  # input_size / mean / std ... from train.py args
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # allow-listed create_model kwargs from train.py args
+    data_config: Dict[str, Any] = field(default_factory=dict)  # range-checked input_size / mean / std ... from args
 
 
 def create_with_img_size(name: str, img_size: Optional[int] = None, **kwargs) -> nn.Module:
@@ -66,25 +73,62 @@ def _strip_module_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch
     return state_dict
 
 
-def _read_raw(path: Path) -> Any:
+def _check_file(path: Path, what: str = 'Checkpoint') -> None:
     if not path.exists():
-        raise FileNotFoundError(f'Checkpoint {path} does not exist.')
+        raise FileNotFoundError(f'{what} {path} does not exist.')
     if path.is_dir():
-        raise IsADirectoryError(f'Checkpoint {path} is a folder; pass the checkpoint file inside it.')
+        raise IsADirectoryError(f'{what} {path} is a folder; pass the file inside it.')
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        os.fsencode(path).decode('utf-8')
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _read_safetensors_bytes(data: bytes) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """safetensors from memory (its file API takes UTF-8 paths only)."""
+    from safetensors.torch import load
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], 'little')])
+    metadata = header.get('__metadata__') if isinstance(header, dict) else None
+    return load(data), dict(metadata or {})
+
+
+def read_safetensors(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(tensors on CPU, header metadata or {}) of a .safetensors file; any failure to parse is a CheckpointError
+    naming the file."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(path)
+    _check_file(path, 'File')
+    try:
+        if not _is_utf8(path):
+            return _read_safetensors_bytes(path.read_bytes())
+        with safe_open(str(path), framework='pt', device='cpu') as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except PermissionError:
+        raise
+    except (SafetensorError,) + _READ_ERRORS as e:
+        raise CheckpointError(f'Cannot read {path}: it is not a valid safetensors file (truncated or corrupt?): '
+                              f'{_first_line(e)}') from e
+    return tensors, metadata
+
+
+def _read_raw(path: Path) -> Any:
+    _check_file(path)
     with path.open('rb') as f:
         magic = f.read(8)
     if not magic:
         raise CheckpointError(f'Checkpoint {path} is empty (0 bytes).')
     torch_format = magic.startswith(b'PK\x03\x04') or magic[:1] == b'\x80'  # torch zip / legacy pickle
     if not torch_format:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
-            return load_file(str(path), device='cpu')
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(
-                f'Cannot read {path}: it is neither a torch checkpoint nor a valid safetensors file '
-                f'(truncated or corrupt?): {_first_line(e)}') from e
+            return read_safetensors(path)[0]
+        except CheckpointError as e:
+            raise CheckpointError(f'Cannot read {path}: it is neither a torch checkpoint nor a valid safetensors '
+                                  f'file (truncated or corrupt?): {_first_line(e.__cause__ or e)}') from e
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -93,26 +137,54 @@ def _read_raw(path: Path) -> Any:
             f'Refusing to load {path}: it contains Python objects other than tensors, containers and '
             f'argparse.Namespace, and is read with weights_only=True for safety ({_first_line(e)}). '
             f'Re-save just its state_dict.') from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except PermissionError:
+        raise
+    except _READ_ERRORS as e:
         raise CheckpointError(f'Cannot read {path}: the file is truncated or corrupt ({_first_line(e)}).') from e
 
 
-def _args_to_kwargs(args: Any) -> Dict[str, Any]:
-    """The create_model kwargs timm train.py derives from its args (those that change the weights or outputs)."""
-    get = (lambda k: args.get(k)) if isinstance(args, dict) else (lambda k: getattr(args, k, None))
+def _getter(args: Any):
+    if isinstance(args, dict):
+        return args.get
+    if isinstance(args, argparse.Namespace):
+        return lambda k: getattr(args, k, None)
+    return lambda k: None
+
+
+def _args_to_kwargs(args: Any, source: str, overridden: Iterable[str]) -> Dict[str, Any]:
+    """The create_model kwargs timm train.py derives from its args (those that change the weights or outputs),
+    through the allow-list of keys a file may set."""
+    get = _getter(args)
     kwargs = {}
     for src, dst in (('num_classes', 'num_classes'), ('in_chans', 'in_chans'), ('gp', 'global_pool'),
                      ('bn_momentum', 'bn_momentum'), ('bn_eps', 'bn_eps')):
         if get(src) is not None:
             kwargs[dst] = get(src)
     extra = get('model_kwargs')
-    if isinstance(extra, dict):
-        kwargs.update(extra)
-    return kwargs
+    if extra is not None and not isinstance(extra, dict):
+        raise UnsafeFileError(f'{source}: args.model_kwargs must be a mapping, got {type(extra).__name__}.',
+                              'model_kwargs', source)
+    kwargs.update(extra or {})
+    return sanitize_file_model_kwargs(kwargs, source, overridden)
 
 
-def read_checkpoint(path: Union[str, Path]) -> Checkpoint:
-    """Read a checkpoint file safely; raises FileNotFoundError or CheckpointError with what is wrong."""
+def _file_model_name(name: Any, path: Path) -> Optional[str]:
+    """A model name recorded in a checkpoint: a plain timm name, never a hub or local source."""
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name or not set(name) <= _NAME_CHARS:
+        raise UnsafeFileError(f'{path} names its model {name!r}, which is not a timm model name (a file may not '
+                              f'name a hub or local source); pass the model name yourself.', 'model', str(path))
+    return name
+
+
+def read_checkpoint(path: Union[str, Path], overridden: Iterable[str] = ()) -> Checkpoint:
+    """Read a checkpoint file safely; raises FileNotFoundError or CheckpointError with what is wrong.
+
+    The create_model kwargs and data config of train.py's `args` pass the allow-list and range checks of
+    `timm_sila.config` (UnsafeFileError otherwise); kwargs named in `overridden` -- those the caller sets itself --
+    are not read from the file.
+    """
     path = Path(path)
     raw = _read_raw(path)
     ckpt = Checkpoint(path=path, state_dict={})
@@ -123,13 +195,17 @@ def read_checkpoint(path: Union[str, Path]) -> Checkpoint:
         if _is_tensor_dict(raw.get('state_dict_ema')):
             ckpt.state_dict_ema = _strip_module_prefix(raw['state_dict_ema'])
         args = raw.get('args')
-        name = getattr(args, 'model', None) if args is not None else None
+        get = _getter(args)
+        name = _file_model_name(get('model'), path)
         arch = raw.get('arch')
-        ckpt.model_name = name if isinstance(name, str) else (arch if isinstance(arch, str) else None)
+        ckpt.model_name = name if name is not None else (_file_model_name(arch, path) if isinstance(arch, str)
+                                                         else None)
         if args is not None:
-            ckpt.model_kwargs = _args_to_kwargs(args)
-            get = (lambda k: args.get(k)) if isinstance(args, dict) else (lambda k: getattr(args, k, None))
-            ckpt.data_config = {k: get(k) for k in _DATA_KEYS if get(k) is not None}
+            source = f'{path} (train.py args)'
+            ckpt.model_kwargs = _args_to_kwargs(args, source, overridden)
+            ckpt.data_config = sanitize_file_data_config(
+                {k: get(k) for k in ('input_size', 'img_size', 'in_chans', 'mean', 'std', 'crop_pct', 'crop_mode',
+                                     'interpolation')}, source)
     elif isinstance(raw, dict) and _is_tensor_dict(raw.get('model')):
         ckpt.state_dict = raw['model']
     else:
@@ -167,6 +243,59 @@ def _describe(keys: Sequence[str], n: int = 4) -> str:
     return ', '.join(keys[:n]) + more
 
 
+def _dtype_kind(t: torch.Tensor) -> str:
+    if t.dtype == torch.bool:
+        return 'bool'
+    if t.is_complex():
+        return 'complex'
+    return 'floating-point' if t.is_floating_point() else 'integer'
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, Any], source: Any, what: str = '',
+                            hint: str = '') -> nn.Module:
+    """Load `state_dict` (read from file `source`) into `model` strictly; returns the model.
+
+    Missing or unexpected keys, shape mismatches and tensors of another dtype kind than the model's (an integer
+    or bool tensor where the model holds floats, or the reverse: never silently cast) raise one CheckpointError
+    naming the file, the model (`what`) and `hint` (what to do). Floating-point precision may differ (fp16 weights
+    load into an fp32 model).
+    """
+    expected = model.state_dict()
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
+              if k in state_dict and k not in not_tensors and state_dict[k].shape != v.shape]
+    kinds = [f'{k} {state_dict[k].dtype} vs {v.dtype}' for k, v in expected.items()
+             if k in state_dict and k not in not_tensors and _dtype_kind(state_dict[k]) != _dtype_kind(v)]
+    problems: List[str] = []
+    if not_tensors:
+        problems.append(f'{len(not_tensors)} entries that are not tensors ({_describe(not_tensors)})')
+    if missing:
+        problems.append(f'{len(missing)} missing keys ({_describe(missing)})')
+    if unexpected:
+        problems.append(f'{len(unexpected)} unexpected keys ({_describe(unexpected)})')
+    if shapes:
+        problems.append(f'{len(shapes)} shape mismatches (file vs model: {_describe(shapes, 2)})')
+    if kinds:
+        problems.append(f'{len(kinds)} tensors of another dtype kind, refused rather than cast (file vs model: '
+                        f'{_describe(kinds, 2)})')
+    if problems:
+        target = f' {what}' if what else ' the model'
+        raise CheckpointError(f'The state_dict in {source} does not match{target}: {"; ".join(problems)}.'
+                              + (f' {hint}' if hint else ''))
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f'Cannot load the weights in {source}: {_first_line(e)}') from e
+    return model
+
+
+def _overridden(model_kwargs: Dict[str, Any], **explicit: Any) -> List[str]:
+    """The create_model kwargs the caller sets itself: the file's values of these are never used."""
+    return list(model_kwargs) + [k for k, v in explicit.items() if v is not None]
+
+
 def load_silanet(
         source: Union[str, Path, Checkpoint],
         model: Optional[str] = None,
@@ -180,10 +309,15 @@ def load_silanet(
 ) -> SilaNet:
     """Rebuild the full SilaNet a checkpoint was saved from and load its weights strictly (eval mode).
 
-    The model comes from the arguments given, else from the checkpoint's train.py args; num_classes and sets
+    The model comes from the arguments given, else from the checkpoint's train.py args (allow-listed: see
+    `timm_sila.config`; an argument given here replaces the file's, which is then not read); num_classes and sets
     default to what the heads in the state_dict show. `ema=True` loads `state_dict_ema`.
     """
-    ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+    if isinstance(source, Checkpoint):
+        ckpt = source
+    else:
+        ckpt = read_checkpoint(source, _overridden(model_kwargs, num_classes=num_classes, sila_sets=sets,
+                                                   sila_taps=taps, sila_head=head, img_size=img_size))
     if ema:
         if ckpt.state_dict_ema is None:
             raise CheckpointError(f'EMA weights were asked for, but {ckpt.path} has no state_dict_ema '
@@ -194,11 +328,11 @@ def load_silanet(
     _check_sila_keys(state_dict, ckpt.path)
 
     name = model or ckpt.model_name
-    if name is not None and not name.startswith(_SILA_PREFIX):
+    if name is not None and not name.startswith(SILA_PREFIX):
         if model is None:  # e.g. train.py arch 'silanet' when saved without args
             name = None
         else:
-            name = _SILA_PREFIX + name
+            name = SILA_PREFIX + name
     if name is None:
         raise CheckpointError(f'{ckpt.path} does not say which SilaNet it holds; pass the model name '
                               f'(model="sila_resnet18", CLI --model sila_resnet18) and its num_classes/sets/taps.')
@@ -207,6 +341,8 @@ def load_silanet(
         raise CheckpointError(f'Unknown model {name!r}; see timm.list_models("sila_*").')
 
     kwargs = dict(ckpt.model_kwargs)
+    if img_size is not None:
+        kwargs.pop('img_size', None)
     kwargs.update(model_kwargs)
     for key, value in (('num_classes', num_classes), ('sila_sets', sets), ('sila_taps', taps),
                        ('sila_head', head)):
@@ -217,25 +353,10 @@ def load_silanet(
     kwargs.update(sila_branch=0, sila_stripped=False)
     try:
         net = create_with_img_size(name, None if 'img_size' in kwargs else img_size, **kwargs)
-    except TypeError as e:
-        raise CheckpointError(f'Cannot build {name} with {kwargs}: {_first_line(e)}') from e
-
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
-              if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        problems: List[str] = []
-        if missing:
-            problems.append(f'{len(missing)} missing keys ({_describe(missing)})')
-        if unexpected:
-            problems.append(f'{len(unexpected)} unexpected keys ({_describe(unexpected)})')
-        if shapes:
-            problems.append(f'{len(shapes)} shape mismatches (checkpoint vs model: {_describe(shapes, 2)})')
-        shown = {k: v for k, v in kwargs.items() if k not in ('sila_branch', 'sila_stripped')}
-        raise CheckpointError(
-            f'The state_dict in {ckpt.path} does not match {name}({shown}): {"; ".join(problems)}. Pass the '
-            f'model, num_classes, sets, taps and head it was trained with.')
-    net.load_state_dict(state_dict, strict=True)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise CheckpointError(f'Cannot build {name} with {kwargs} (read from {ckpt.path} or given): '
+                              f'{_first_line(e)}') from e
+    shown = {k: v for k, v in kwargs.items() if k not in ('sila_branch', 'sila_stripped')}
+    load_state_dict_checked(net, state_dict, ckpt.path, what=f'{name}({shown})',
+                            hint='Pass the model, num_classes, sets, taps and head it was trained with.')
     return net.eval()

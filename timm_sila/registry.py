@@ -8,12 +8,14 @@ import timm
 from timm.models import load_pretrained, register_model
 from timm.models import _registry
 
+from .config import SILA_KWARGS, SILA_PREFIX, SilaConfig, sanitize_file_data_config, sanitize_file_model_kwargs
 from .model import SilaNet, sila_pretrained_cfg
 
 __all__ = ['SILA_PREFIX', 'SILA_KWARGS', 'register_sila_models', 'base_arch']
 
-SILA_PREFIX = 'sila_'
-SILA_KWARGS = ('sila_sets', 'sila_beta', 'sila_decay', 'sila_taps', 'sila_branch', 'sila_head', 'sila_stripped')
+# pretrained_cfg fields of a hub / local-dir config.json that reach load_pretrained: where the weights are, which
+# timm sets from the model name the caller typed, never a url or path from the file
+_SOURCE_CFG_KEYS = {'local-dir': ('source', 'file'), 'hf-hub': ('source', 'hf_hub_id')}
 
 default_cfgs: Dict[str, Any] = {}  # read by timm's register_model for this module's entrypoints
 
@@ -32,24 +34,38 @@ def _is_sila_checkpoint(pretrained_cfg) -> bool:
     return cfg.get('source') in ('local-dir', 'hf-hub')
 
 
+def _file_config(pretrained_cfg, file_args: dict, given: dict) -> dict:
+    """What a sila_* model takes from a hub / local-dir config.json: its model_args (those timm copied into the
+    kwargs `given` and the caller did not replace) must pass the allow-list, and its pretrained_cfg is cut to where
+    timm was told to look (from the name the caller typed) plus range-checked data config and num_classes."""
+    cfg = {} if pretrained_cfg is None or isinstance(pretrained_cfg, str) else (
+        pretrained_cfg if isinstance(pretrained_cfg, dict) else pretrained_cfg.to_dict())
+    source = f"{cfg.get('file') or cfg.get('hf_hub_id') or 'the model'}'s config.json"
+    sanitize_file_model_kwargs({k: v for k, v in file_args.items() if given.get(k) is v}, source)
+    kept = {k: cfg[k] for k in _SOURCE_CFG_KEYS.get(cfg.get('source'), ()) if cfg.get(k) is not None}
+    kept.update({k: v for k, v in sanitize_file_data_config(cfg, source).items() if k not in ('img_size', 'in_chans')})
+    if cfg.get('num_classes') is not None:
+        kept.update(sanitize_file_model_kwargs({'num_classes': cfg['num_classes']}, source))
+    return kept
+
+
 def _create_sila(arch: str, pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None,
                  cache_dir=None, **kwargs) -> SilaNet:
-    sila = {k[len(SILA_PREFIX):]: kwargs.pop(k) for k in list(kwargs) if k.startswith(SILA_PREFIX)}
-    unknown = sorted(f'{SILA_PREFIX}{k}' for k in sila if f'{SILA_PREFIX}{k}' not in SILA_KWARGS)
-    if unknown:
-        raise ValueError(f'Unknown SilaNet arguments {unknown}; valid ones are {list(SILA_KWARGS)}.')
-    kwargs.pop('pretrained_model_args', None)
+    sila = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith(SILA_PREFIX)}
+    file_args = kwargs.pop('pretrained_model_args', None) or {}  # model_args of a hub / local-dir config.json
     sila_weights = pretrained and _is_sila_checkpoint(pretrained_cfg)
+    if file_args or sila_weights:
+        file_cfg = _file_config(pretrained_cfg, file_args, dict(kwargs, **sila))
+    config = SilaConfig.from_kwargs(sila)
     if sila_weights:
         base = timm.create_model(arch, **kwargs)
     else:
         base = timm.create_model(
             arch, pretrained=pretrained, pretrained_cfg=pretrained_cfg,
             pretrained_cfg_overlay=pretrained_cfg_overlay, cache_dir=cache_dir, **kwargs)
-    model = SilaNet(base, **sila)
+    model = SilaNet(base, **{k[len(SILA_PREFIX):]: v for k, v in config.to_kwargs().items()})
     if sila_weights:
-        cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else pretrained_cfg.to_dict()
-        model.pretrained_cfg = dict(sila_pretrained_cfg(base.pretrained_cfg, arch), **cfg,
+        model.pretrained_cfg = dict(sila_pretrained_cfg(base.pretrained_cfg, arch), **file_cfg,
                                     architecture=f'{SILA_PREFIX}{arch}')
         model.default_cfg = model.pretrained_cfg
         load_pretrained(model, pretrained_cfg=model.pretrained_cfg, num_classes=model.num_classes,

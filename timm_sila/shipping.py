@@ -2,12 +2,13 @@
 
 Branch 0 is written as the plain base architecture (loads in timm without timm_sila); branch k >= 1 as a stripped
 `sila_<arch>` (backbone up to tap k + head k) that loads after `import timm_sila`. Both are the files
-`timm.models.save_for_hf` writes: `model.safetensors` + `config.json`.
+`timm.models.save_for_hf` writes: `model.safetensors` + `config.json`, the latter holding only what is true of the
+exported weights (no pretrained tag, origin URL or hub id of the weights the base model was created from).
+Folders are written by `timm_sila.atomic` (whole or not at all, one writer at a time, never over the source);
+`load_stripped` reads a folder as a stranger's (see `timm_sila.config`).
 """
 import copy
-import os
-import shutil
-import tempfile
+import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -17,14 +18,25 @@ import timm
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
-from .checkpoint import Checkpoint, create_with_img_size, load_silanet, read_checkpoint
+from .atomic import atomic_output_dir, check_output_dir
+from .checkpoint import (
+    Checkpoint, CheckpointError, _first_line, _overridden, create_with_img_size, load_silanet,
+    load_state_dict_checked, read_checkpoint, read_safetensors)
+from .config import (
+    check_file_architecture, sanitize_file_data_config, sanitize_file_model_kwargs)
 from .model import SilaNet, prune_base
 
 __all__ = ['strip', 'load_stripped', 'export_model', 'model_info', 'create_with_img_size']
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
-_TMP_PREFIX = '.timm-sila-tmp-'
+_EXPORT_FILES = f'{WEIGHTS_NAME} and {CONFIG_NAME}'
+# pretrained_cfg fields of an export: how to feed and read the exported weights; no tag / url / hf_hub_id / license
+EXPORTED_CFG_KEYS = ('input_size', 'test_input_size', 'min_input_size', 'fixed_input_size', 'interpolation',
+                     'crop_pct', 'test_crop_pct', 'crop_mode', 'mean', 'std', 'num_classes', 'pool_size',
+                     'test_pool_size', 'first_conv', 'classifier', 'custom_load')
+# data config fields of a config.json that load_stripped puts into the model's pretrained_cfg
+_CFG_DATA_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
 MB = 2 ** 20  # bytes; "Params size (MB)" as in torchsummary and the paper's Table 3
 
 
@@ -80,32 +92,6 @@ def export_model(net: SilaNet, branch: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _is_empty_dir(path: Path) -> bool:
-    return not any(p for p in path.iterdir() if not p.name.startswith(_TMP_PREFIX))
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise NotADirectoryError(f'Output {out_dir} exists and is not a folder.')
-        if not overwrite and not _is_empty_dir(out_dir):
-            raise FileExistsError(f'Output folder {out_dir} exists and is not empty; pass overwrite=True '
-                                  f'(CLI --force) to replace its {WEIGHTS_NAME} and {CONFIG_NAME}.')
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _unshared(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """The state_dict with each tensor whose storage an earlier one uses cloned (safetensors needs no sharing)."""
     seen, out = set(), {}
@@ -116,41 +102,16 @@ def _unshared(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def write_atomic(model: nn.Module, out_dir: Path, model_args: Dict[str, Any],
-                 data_config: Optional[Dict[str, Any]] = None) -> None:
-    """What save_for_hf writes (safetensors weights, save_config_for_hf's config.json), into a temp folder
-    inside out_dir, then renamed into place.
-
-    config.json is the commit marker: an old one is removed before the weights are replaced and the new one is
-    renamed in last, so a failure or kill at any point never leaves a config.json beside foreign or partial
-    weights, nor a partial model.safetensors.
-    """
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(_TMP_PREFIX + '*'):  # left by a killed writer
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out_dir))
-    try:
-        # save_for_hf's weights step, with tensors that share storage copied apart: safetensors refuses shared
-        # storage (CoaT shares its conv position encoders), timm loads every key back strictly.
-        save_file(_unshared(model.state_dict()), str(tmp / WEIGHTS_NAME))
-        save_config_for_hf(model, tmp / CONFIG_NAME, model_args=model_args, data_config=data_config or None)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            if not (tmp / name).is_file():
-                raise RuntimeError(f'timm save_for_hf did not write {name}.')
-            _fsync(tmp / name)
-        # safetensors creates its file 0600; give it the umask-default mode open() gave config.json
-        os.chmod(tmp / WEIGHTS_NAME, (tmp / CONFIG_NAME).stat().st_mode & 0o777)
-        (out_dir / CONFIG_NAME).unlink(missing_ok=True)
-        os.replace(tmp / WEIGHTS_NAME, out_dir / WEIGHTS_NAME)
-        os.replace(tmp / CONFIG_NAME, out_dir / CONFIG_NAME)
-        _fsync(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
+def _write_export(model: nn.Module, folder: Path, model_args: Dict[str, Any],
+                  data_config: Optional[Dict[str, Any]]) -> None:
+    """What save_for_hf writes into `folder`, with config.json's pretrained_cfg cut to EXPORTED_CFG_KEYS."""
+    # save_for_hf's weights step, with tensors that share storage copied apart: safetensors refuses shared
+    # storage (CoaT shares its conv position encoders), timm loads every key back strictly.
+    save_file(_unshared(model.state_dict()), str(folder / WEIGHTS_NAME))
+    save_config_for_hf(model, folder / CONFIG_NAME, model_args=model_args, data_config=data_config or None)
+    config = json.loads((folder / CONFIG_NAME).read_text(encoding='utf-8'))
+    config['pretrained_cfg'] = {k: v for k, v in config.get('pretrained_cfg', {}).items() if k in EXPORTED_CFG_KEYS}
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding='utf-8')
 
 
 def _data_config(net: SilaNet, data_config: Dict[str, Any], img_size: Optional[int]) -> Dict[str, Any]:
@@ -192,7 +153,9 @@ def strip(
     if out_dir is None:
         raise ValueError('strip() needs out_dir, the folder to write model.safetensors and config.json into.')
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    sources = [source.path if isinstance(source, Checkpoint) else source] if isinstance(
+        source, (str, Path, Checkpoint)) else []
+    check_output_dir(out_dir, overwrite, sources, _EXPORT_FILES)  # fail before the (slow) load; again under lock
     data_config: Dict[str, Any] = {}
     if isinstance(source, SilaNet):
         if ema or model or num_classes or sets or taps or head or model_kwargs:
@@ -203,7 +166,8 @@ def strip(
         raise ValueError(f'source must be a SilaNet or a checkpoint path, got a {type(source).__name__}; a plain '
                          f'timm model needs no stripping (use timm.models.save_for_hf).')
     elif isinstance(source, (str, Path, Checkpoint)):
-        ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+        ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source, _overridden(
+            model_kwargs, num_classes=num_classes, sila_sets=sets, sila_taps=taps, sila_head=head, img_size=img_size))
         net = load_silanet(ckpt, model=model, num_classes=num_classes, sets=sets, taps=taps, head=head, ema=ema,
                            img_size=img_size, **model_kwargs)
         data_config = ckpt.data_config
@@ -212,16 +176,52 @@ def strip(
     exported = export_model(net, branch)
     model_args = dict(getattr(exported, '_model_args', None) or {})
     model_args['num_classes'] = net.num_classes
-    write_atomic(exported, out_dir, model_args, _data_config(net, data_config, img_size))
+    with atomic_output_dir(out_dir, overwrite, sources, _EXPORT_FILES, commit_last=CONFIG_NAME) as folder:
+        _write_export(exported, folder, model_args, _data_config(net, data_config, img_size))
     return out_dir
 
 
-def load_stripped(out_dir: Union[str, Path]) -> nn.Module:
-    """Load a folder written by `strip` (either branch) as a timm model in eval mode."""
+def _read_config(path: Path) -> Dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding='utf-8'))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f'Cannot read {path}: it is not valid UTF-8 JSON ({_first_line(e)}).') from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f'{path} must hold a JSON object, got {type(config).__name__}.')
+    return config
+
+
+def load_stripped(out_dir: Union[str, Path], **model_kwargs) -> nn.Module:
+    """Load a folder written by `strip` (either branch) as a timm model in eval mode.
+
+    The folder is read as a stranger's: config.json's `architecture` must be a registered timm name, its
+    `model_args` pass the allow-list of `timm_sila.config` (an argument given here replaces the file's, which is
+    then not read), only the data config fields of its `pretrained_cfg` are used (range-checked); the model is
+    built with pretrained=False and model.safetensors loaded strictly. Nothing is fetched or written.
+    """
     out_dir = Path(out_dir)
-    if not (out_dir / CONFIG_NAME).is_file() or not (out_dir / WEIGHTS_NAME).is_file():
+    config_path, weights_path = out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f'{out_dir} has no {CONFIG_NAME} + {WEIGHTS_NAME}; write it with timm_sila.strip.')
-    return timm.create_model(f'local-dir:{out_dir}', pretrained=True).eval()
+    config = _read_config(config_path)
+    arch = check_file_architecture(config.get('architecture'), config_path)
+    args = sanitize_file_model_kwargs(config.get('model_args'), config_path, overridden=model_kwargs)
+    if 'num_classes' not in args and config.get('num_classes') is not None:
+        args.update(sanitize_file_model_kwargs({'num_classes': config['num_classes']}, config_path, model_kwargs))
+    args.update(model_kwargs)
+    pretrained_cfg = config.get('pretrained_cfg')
+    data_config = sanitize_file_data_config(pretrained_cfg if isinstance(pretrained_cfg, dict) else {}, config_path)
+    try:
+        model = timm.create_model(arch, pretrained=False, **args)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise CheckpointError(f'Cannot build {arch} with the model_args {args} of {config_path}: '
+                              f'{_first_line(e)}') from e
+    tensors, _ = read_safetensors(weights_path)
+    load_state_dict_checked(model, tensors, weights_path, what=f'{arch}({args})',
+                            hint=f'Is {CONFIG_NAME} the one written with these weights?')
+    model.pretrained_cfg = dict(model.pretrained_cfg, **{k: v for k, v in data_config.items() if k in _CFG_DATA_KEYS})
+    model.default_cfg = model.pretrained_cfg
+    return model.eval()
 
 
 def model_info(model: str, num_classes: int, img_size: Optional[int] = None, sets: Optional[int] = None,

@@ -6,10 +6,9 @@ import torch
 import torch.nn as nn
 from timm.models import get_model_input_config
 
-__all__ = ['Stage', 'TAP_RULES', 'probe_stages', 'choose_taps', 'resolve_taps']
+from .config import TAP_RULES
 
-# Named tap rules (`sila_taps='depth'` / `'stages'`); None means 'depth'.
-TAP_RULES = ('depth', 'stages')
+__all__ = ['Stage', 'TAP_RULES', 'probe_stages', 'choose_taps', 'resolve_taps']
 
 _WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
