@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import timm
 
-from timm_sila.early_exit import (EarlyExit, calibrate_temperatures, choose_threshold, simulate_exits)
+from timm_sila.early_exit import (EarlyExit, calibrate_temperatures, choose_threshold, choose_thresholds,
+                                  simulate_exits)
 
 
 @pytest.fixture(scope='module')
@@ -29,7 +30,7 @@ def _expected(model, x, exit_set, temperatures=None):
 
 @torch.no_grad()
 def test_no_exit_is_the_base_model(model, x):
-    result = EarlyExit(model, thresholds=None)(x)
+    result = EarlyExit(model, thresholds=None, input_size=(3, 32, 32))(x)
     assert result.exit_set.tolist() == [0] * len(x)
     assert torch.allclose(result.logits, model.base(x), atol=1e-5)
     assert result.compute == pytest.approx(1.0)
@@ -37,7 +38,7 @@ def test_no_exit_is_the_base_model(model, x):
 
 @torch.no_grad()
 def test_everyone_exits_at_the_shallowest_tap(model, x):
-    ee = EarlyExit(model, thresholds=0.0)
+    ee = EarlyExit(model, thresholds=0.0, input_size=(3, 32, 32))
     result = ee(x)
     assert result.exit_set.tolist() == [model.sets - 1] * len(x)
     seg = ee.segment_macs(x)
@@ -57,7 +58,8 @@ def test_mixed_exits_keep_order_and_only_survivors_run_later_stages(model, x, po
         p = scores[2].softmax(-1)
         ent2 = -(p * p.clamp_min(1e-30).log()).sum(-1)
         threshold = float(ent2.median())
-    ee = EarlyExit(model, thresholds=[threshold, threshold], policy=policy, temperatures=temps)
+    ee = EarlyExit(model, thresholds=[threshold, threshold], policy=policy, temperatures=temps,
+                   input_size=(3, 32, 32))
     seen = []
     handle = model.base.layer4.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
     try:
@@ -75,10 +77,27 @@ def test_mixed_exits_keep_order_and_only_survivors_run_later_stages(model, x, po
     assert result.compute == pytest.approx(expected)
 
 
-def test_refuses_token_models_clearly():
-    model = timm.create_model('sila_vit_tiny_patch16_224', num_classes=10, img_size=32).eval()
+@pytest.mark.parametrize('arch,kwargs', [('vit_tiny_patch16_224', dict(img_size=32)), ('test_vit', {})])
+def test_refuses_token_models_at_construction(arch, kwargs):
+    model = timm.create_model(f'sila_{arch}', num_classes=10, **kwargs).eval()
     with pytest.raises(ValueError, match='NCHW'):
-        EarlyExit(model, thresholds=0.5)(torch.randn(2, 3, 32, 32))
+        EarlyExit(model, thresholds=0.5)  # no forward needed: the check runs when the EarlyExit is built
+
+
+def test_construction_check_keeps_train_mode_and_batch_norm_statistics():
+    torch.manual_seed(0)
+    model = timm.create_model('sila_test_resnet', num_classes=10).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    EarlyExit(model, thresholds=0.5, input_size=(3, 32, 32))
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@torch.no_grad()
+def test_empty_batch_returns_empty_outputs(model):
+    result = EarlyExit(model, thresholds=0.5, input_size=(3, 32, 32))(torch.zeros(0, 3, 32, 32))
+    assert result.logits.shape == (0, 10) and result.exit_set.shape == (0,)
+    assert result.exit_set.dtype == torch.long and math.isnan(result.compute)
 
 
 @pytest.mark.parametrize('kwargs,match', [
@@ -127,6 +146,29 @@ def test_threshold_choice_meets_its_constraint():
         choose_threshold(branch_logits, labels, temps, seg)
 
 
+@pytest.mark.parametrize('policy', ['confidence', 'entropy'])
+def test_per_exit_thresholds_beat_the_shared_one_when_exits_differ(policy):
+    """Set 2 (the shallowest exit) is confidently wrong on half the samples, set 1 is reliable: one shared threshold
+    must shut set 2 out and so also holds back set 1; per-exit thresholds close exit 2 and open exit 1."""
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 10, (600,), generator=g)
+    clean = F.one_hot(labels, 10).float() * 6
+    wrong = F.one_hot((labels + torch.randint(1, 10, (600,), generator=g)) % 10, 10).float() * 8
+    liar = torch.where(torch.rand(600, 1, generator=g) < 0.5, wrong, clean)
+    branch_logits = torch.stack([clean + torch.randn(600, 10, generator=g),
+                                 clean * 0.8 + torch.randn(600, 10, generator=g), liar], 1)
+    seg, temps = [30, 30, 40], [1.0, 1.0, 1.0]
+    shared = choose_threshold(branch_logits, labels, temps, seg, policy=policy, max_drop=1.0)
+    per = choose_thresholds(branch_logits, labels, temps, seg, policy=policy, max_drop=1.0)
+    assert per['accuracy'] >= per['base_accuracy'] - 1.0
+    assert per['compute'] < shared['compute'] - 0.1
+    assert per['exits'][2] == 0 and per['exits'][1] > 0
+    row = simulate_exits(branch_logits, labels, per['thresholds'], temps, seg, policy)
+    assert row['accuracy'] == pytest.approx(per['accuracy']) and row['compute'] == pytest.approx(per['compute'])
+    with pytest.raises(ValueError, match='finite'):
+        choose_thresholds(branch_logits, labels, temps, seg, max_drop=float('nan'))
+
+
 @torch.no_grad()
 def test_save_and_load_round_trip(model, x, tmp_path):
     ee = EarlyExit(model, thresholds=[0.3, 0.6], policy='confidence', temperatures=[1.0, 1.5, 2.0])
@@ -138,3 +180,25 @@ def test_save_and_load_round_trip(model, x, tmp_path):
     assert torch.equal(a.exit_set, b.exit_set) and torch.allclose(a.logits, b.logits)
     assert not math.isnan(b.compute)
     assert [p.name for p in tmp_path.iterdir()] == ['exit.safetensors']
+
+
+def test_failed_save_keeps_the_previous_file_whole(model, tmp_path, monkeypatch):
+    """EarlyExit.save goes through the shared atomic writer: a disk-full error midway leaves the old file."""
+    import errno
+
+    import safetensors.torch
+    path = tmp_path / 'exit.safetensors'
+    EarlyExit(model, thresholds=0.3, input_size=(3, 32, 32)).save(path)
+    old = path.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, 'wb') as f:
+            f.write(b'partial')
+        raise OSError(errno.ENOSPC, 'No space left on device', filename)
+
+    monkeypatch.setattr(safetensors.torch, 'save_file', disk_full)
+    with pytest.raises(OSError, match='space'):
+        EarlyExit(model, thresholds=0.9, input_size=(3, 32, 32)).save(path)
+    assert path.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ['exit.safetensors']
+    assert EarlyExit.load(path).thresholds == [0.3, 0.3]

@@ -3,14 +3,15 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import timm
 from safetensors.torch import save_file
 
 from timm_sila.cli import main
-from timm_sila.early_exit import simulate_exits
-from timm_sila.exit_curve import exit_curve
+from timm_sila.early_exit import TEMPERATURE_BOUNDS, calibrate_temperatures, simulate_exits
+from timm_sila.exit_curve import exit_curve, format_curve
 
 
 def _loader(seed, n=24, batch=8):
@@ -67,3 +68,47 @@ def test_cli_end_to_end(tmp_path, capsys):
     bad = args[:args.index('--calib-split') + 1] + ['test'] + args[args.index('--calib-split') + 2:]
     assert main(bad) == 2
     assert 'never chosen on the test data' in capsys.readouterr().err
+
+
+@pytest.fixture(scope='module')
+def small():
+    torch.manual_seed(0)
+    return timm.create_model('sila_test_resnet', num_classes=4).eval()
+
+
+@pytest.mark.parametrize('points', [1, 3, 5])
+def test_points_rows_one_chosen_no_duplicates(small, points):
+    result = exit_curve(small, _loader(0, n=48), _loader(1), points=points, timed=0, repeats=1)
+    rows = result['rows']
+    assert len(rows) == points
+    assert sum(r['chosen'] for r in rows) == 1
+    assert len({r['threshold'] for r in rows}) == points
+    printed = [line.split()[0] for line in format_curve(result).splitlines()[2:2 + points]]
+    assert len(set(printed)) == points, 'every printed threshold must be told apart'
+
+
+def test_untrained_model_temperature_is_bounded_with_a_warning(small):
+    with pytest.warns(UserWarning, match=r'outside \[0.05, 20.0\]'):
+        result = exit_curve(small, _loader(0), _loader(1), points=3, timed=0, repeats=1)
+    assert all(TEMPERATURE_BOUNDS[0] <= t <= TEMPERATURE_BOUNDS[1] for t in result['temperatures'])
+    assert max(result['temperatures']) == TEMPERATURE_BOUNDS[1] and result['warnings']
+
+
+def test_temperature_bounds_clamp_the_fit():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (500,), generator=g)
+    noise = torch.randn(500, 1, 5, generator=g)  # logits unrelated to the labels: free fit T -> infinity
+    with pytest.warns(UserWarning, match='set 0'):
+        assert calibrate_temperatures(noise, labels) == [TEMPERATURE_BOUNDS[1]]
+    timid = 0.01 * F.one_hot(labels, 5).float()[:, None]  # always right but 100-fold underconfident: T -> 0
+    with pytest.warns(UserWarning, match='set 0'):
+        assert calibrate_temperatures(timid, labels) == [TEMPERATURE_BOUNDS[0]]
+
+
+def test_progress_goes_to_stderr_and_json_stays_clean(small, capsys):
+    exit_curve(small, _loader(0), _loader(1), points=2, timed=0, repeats=1, progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ''
+    assert 'exit-curve: calibration logits: 1/3 batches (8 images)' in captured.err
+    assert 'exit-curve: calibration logits: 3/3 batches (24 images)' in captured.err
+    assert 'exit-curve: evaluation logits: 3/3 batches' in captured.err

@@ -63,7 +63,40 @@ def test_model_output_metadata_matches_model():
     torch.testing.assert_close(nn.CrossEntropyLoss()(out, target), SilaLoss(10, 0.3, 0.7)(out.unwrap(), target))
 
 
-def test_ignore_index_targets_are_rejected_not_ignored():
+@pytest.mark.parametrize('ignore_index,target', [(-100, [0, -100, 2, 3]), (3, [0, 3, 2, 3])])
+def test_cross_entropy_ignore_index_excludes_samples_as_torch(ignore_index, target):
+    """nn.CrossEntropyLoss(ignore_index=k) on training logits: samples whose target is k are not trained."""
+    logits, a, b = _pair(beta=0.2, decay=0.8)
+    target = torch.tensor(target)
+    kept = target != ignore_index
+    got = nn.CrossEntropyLoss(ignore_index=ignore_index)(logits, target)
+    want = SilaLoss(10, 0.2, 0.8)(b[kept], target[kept])  # the mean over the kept samples
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    assert a.grad[~kept].abs().max() == 0, 'an ignored sample must get no gradient'
+
+
+@pytest.mark.parametrize('reduction', ['mean', 'sum', 'none'])
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_cross_entropy_weight_and_reduction_follow_sila_loss(reduction, smoothing):
+    """weight= scales each sample's whole Sila term by weight[target] ('mean' divides by their sum)."""
+    logits, a, b = _pair(beta=0.2, decay=0.8)
+    target = torch.tensor([0, 9, 3, 3])
+    weight = torch.linspace(0.5, 2.0, 10, dtype=torch.float64)
+    got = nn.CrossEntropyLoss(weight=weight, reduction=reduction, label_smoothing=smoothing)(logits, target)
+    want = SilaLoss(10, 0.2, 0.8, smoothing, weight=weight, reduction=reduction)(b, target)
+    if reduction == 'mean' and not smoothing:
+        per_sample = SilaLoss(10, 0.2, 0.8, reduction='none')(b.detach(), target)
+        torch.testing.assert_close(want.detach(), (weight[target] * per_sample).sum() / weight[target].sum())
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_out_of_range_targets_still_rejected():
     logits, _, _ = _pair()
-    with pytest.raises(ValueError, match=r'\[0, 10\)'):
-        F.cross_entropy(logits, torch.tensor([0, -100, 2, 3]))
+    with pytest.raises(ValueError, match=r'\[0, 10\) or ignore_index=-100'):
+        F.cross_entropy(logits, torch.tensor([0, 10, 2, 3]))

@@ -1,10 +1,12 @@
 """SilaLoss against a literal transcription of the paper's Fig. 1 reference code."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm_sila import SilaLoss, sila_log_probs, sila_set_weights
+from timm_sila import SilaLoss, sila_cross_entropy, sila_log_probs, sila_set_weights
 
 
 class PaperLoss(nn.Module):
@@ -100,7 +102,7 @@ def test_folded_log_probs_shape():
 @pytest.mark.parametrize('logits,target,match', [
     (torch.zeros(2, 25), torch.tensor([0, 1]), 'not a multiple'),
     (torch.zeros(2, 10), torch.tensor([0, 1]), 'M >= 2'),
-    (torch.zeros(2, 30), torch.tensor([0, 10]), r'\[0, 10\)'),
+    (torch.zeros(2, 30), torch.tensor([0, 10]), r'\[0, 10\) or ignore_index=-100'),
     (torch.zeros(2, 30), torch.tensor([-1, 0]), r'\[0, 10\)'),
     (torch.zeros(2, 30), torch.zeros(2, 30), r'\(batch, num_classes\)'),
     (torch.zeros(2, 30), torch.tensor([0, 1, 2]), 'shape'),
@@ -114,3 +116,105 @@ def test_clear_errors(logits, target, match):
 def test_bad_hyperparameters(kwargs):
     with pytest.raises(ValueError):
         SilaLoss(10, **kwargs)
+
+
+# --- torch's cross-entropy options (weight, ignore_index, reduction) -------------------------------------------------
+def _hand_reference(logits, target, n, beta, decay, weight=None, ignore_index=-100, smoothing=0.0, reduction='mean'):
+    """Sample by sample in float64: w[t]·(1-ε)·Sila term + ε/N·Σ_c w_c·(Sila term of class c); ignored samples
+    contribute 0; 'mean' divides by Σ w[t] over the kept samples."""
+    sets = logits.shape[1] // n
+    set_w = [1.0] + [beta * decay ** (j - 1) for j in range(1, sets)]
+    class_w = [1.0] * n if weight is None else [float(v) for v in weight]
+    rows, denom = [], 0.0
+    for b in range(logits.shape[0]):
+        t = int(target[b])
+        if t == ignore_index:
+            rows.append(0.0)
+            continue
+        lp = torch.log_softmax(logits[b].detach().double(), -1).tolist()
+        term = lambda c: -sum(set_w[j] * lp[c + j * n] for j in range(sets))  # noqa: E731
+        smooth = sum(class_w[c] * term(c) for c in range(n))
+        rows.append((1 - smoothing) * class_w[t] * term(t) + smoothing / n * smooth)
+        denom += class_w[t]
+    if reduction == 'none':
+        return torch.tensor(rows, dtype=torch.float64)
+    total = sum(rows)
+    return torch.tensor(total if reduction == 'sum' else (total / denom if denom else math.nan), dtype=torch.float64)
+
+
+@pytest.mark.parametrize('reduction', ['mean', 'sum', 'none'])
+@pytest.mark.parametrize('smoothing', [0.0, 0.2])
+@pytest.mark.parametrize('weighted', [False, True])
+@pytest.mark.parametrize('ignore_index', [-100, 2])
+def test_torch_options_match_a_hand_computed_reference(reduction, smoothing, weighted, ignore_index):
+    n, sets, beta, decay = 5, 3, 0.3, 0.6
+    logits = _logits(7, sets, n, seed=4)
+    target = torch.tensor([0, 2, 4, -100, 2, 1, 3]) if ignore_index == -100 else torch.tensor([0, 2, 4, 1, 2, 1, 3])
+    weight = torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25], dtype=torch.float64) if weighted else None
+    got = SilaLoss(n, beta, decay, smoothing, ignore_index=ignore_index, weight=weight, reduction=reduction)(
+        logits, target)
+    want = _hand_reference(logits, target, n, beta, decay, weight, ignore_index, smoothing, reduction)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize('ignore_index', [-100, 3])
+def test_ignored_samples_are_excluded_as_torch_does(ignore_index):
+    n = 6
+    logits = _logits(8, 3, n, seed=5)
+    target = torch.tensor([0, 3, 5, 3, 1, 2, 3, 4])
+    if ignore_index == -100:
+        target = target.masked_fill(target == 3, -100)
+    kept = target != ignore_index
+    got = sila_cross_entropy(logits, target, n, 0.2, 0.5, ignore_index=ignore_index)
+    want = PaperLoss(n, 0.2, 0.5)(logits[kept], target[kept])  # the mean over the kept samples only
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('reduction', ['mean', 'sum', 'none'])
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+@pytest.mark.parametrize('weighted', [False, True])
+@pytest.mark.parametrize('soft', [False, True])
+def test_formula_is_torchs_cross_entropy_on_log_probs(reduction, smoothing, weighted, soft):
+    """Fed log_softmax(x), the shared formula reproduces F.cross_entropy(x, ...) for every option combination."""
+    from timm_sila.loss import _cross_entropy_of_log_probs
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    target = torch.softmax(torch.randn(6, 4, generator=g, dtype=torch.float64), -1) if soft else \
+        torch.tensor([0, 1, 1, -100, 3, 2])
+    weight = torch.tensor([1.0, 0.2, 3.0, 0.7], dtype=torch.float64) if weighted else None
+    got = _cross_entropy_of_log_probs(F.log_softmax(x, -1), target, weight, -100, reduction, smoothing)
+    want = F.cross_entropy(x, target, weight=weight, reduction=reduction, label_smoothing=smoothing)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('reduction', ['mean', 'sum', 'none'])
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+@pytest.mark.parametrize('empty', [False, True])
+def test_nothing_kept_behaves_like_torch(reduction, smoothing, empty):
+    """Empty batch or every sample ignored: 'mean' is nan, 'sum' 0, 'none' zeros/empty — torch's answers."""
+    n = 4
+    batch = 0 if empty else 3
+    x = _logits(batch, 2, n)
+    target = torch.full((batch,), -100)
+    got = sila_cross_entropy(x, target, n, reduction=reduction, smoothing=smoothing)
+    want = F.cross_entropy(torch.zeros(batch, n, dtype=torch.float64), target, reduction=reduction,
+                           label_smoothing=smoothing)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    soft = SilaLoss(n, reduction=reduction)(_logits(0, 2, n), torch.zeros(0, n, dtype=torch.float64))
+    torch.testing.assert_close(soft, F.cross_entropy(torch.zeros(0, n), torch.zeros(0, n), reduction=reduction)
+                               .double(), equal_nan=True)
+
+
+@pytest.mark.parametrize('kwargs,target,match', [
+    (dict(ignore_index=2), torch.rand(2, 10, dtype=torch.float64), 'soft'),
+    (dict(weight=torch.ones(30, dtype=torch.float64)), torch.tensor([0, 1]), 'num_classes=10 class weights'),
+    (dict(weight=torch.ones(10, dtype=torch.long)), torch.tensor([0, 1]), 'floating'),
+    (dict(ignore_index=1.5), torch.tensor([0, 1]), 'ignore_index'),
+    (dict(reduction='batchmean'), torch.tensor([0, 1]), 'reduction'),
+    (dict(ignore_index=-1), torch.tensor([0, -100]), r'ignore_index=-1; got \[-100\]'),
+])
+def test_bad_options_are_one_clear_error(kwargs, target, match):
+    with pytest.raises(ValueError, match=match):
+        sila_cross_entropy(_logits(2, 3, 10), target, 10, **kwargs)

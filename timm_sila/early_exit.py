@@ -9,6 +9,8 @@ see the hook's output) and refuses the model otherwise.
 """
 import json
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -18,9 +20,11 @@ import torch.nn.functional as F
 
 from .model import SilaNet
 
-__all__ = ['EarlyExit', 'ExitResult', 'calibrate_temperatures', 'simulate_exits', 'choose_threshold']
+__all__ = ['EarlyExit', 'ExitResult', 'calibrate_temperatures', 'simulate_exits', 'choose_threshold',
+           'choose_thresholds', 'TEMPERATURE_BOUNDS']
 
 POLICIES = ('confidence', 'entropy')
+_NEVER = {'confidence': 2.0, 'entropy': -1.0}  # thresholds no score clears: max prob <= 1, entropy >= 0
 _WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
@@ -28,7 +32,7 @@ _WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 class ExitResult:
     """logits (B, N) in input order (answering set's logits / its temperature); exit_set (B,) the set that
     answered each sample (M-1 … 1 = auxiliary heads, 0 = base head); compute = executed backbone MACs divided
-    by the MACs of the full model on the whole batch."""
+    by the MACs of the full model on the whole batch (nan for an empty batch, whose outputs are empty)."""
     logits: torch.Tensor
     exit_set: torch.Tensor
     compute: float
@@ -53,16 +57,39 @@ def _layer_macs(module: nn.Module, out: torch.Tensor) -> int:
     return out.numel() * (module.in_channels // module.groups) * k
 
 
+def _finite_numbers(value, what: str) -> Union[float, List[float]]:
+    """A number, or a sequence of numbers, as floats. Python, numpy and 0-d/1-d tensor numbers are accepted;
+    booleans, strings, NaN and infinities are refused with ValueError."""
+    def one(v):
+        if hasattr(v, 'tolist') and not isinstance(v, (list, tuple)):  # numpy scalar / array, tensor
+            v = v.tolist()
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f'{what} must be finite numbers, got {value!r}.')
+        return float(v)
+    if hasattr(value, 'tolist') and not isinstance(value, (list, tuple)):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [one(v) for v in value]
+    return one(value)
+
+
 class EarlyExit(nn.Module):
     """Early-exit inference over a SilaNet.
 
     thresholds: one per auxiliary set in exit order (set M-1 first … set 1), or one number for all; a sample
     exits when its score clears the threshold (policy 'confidence': max softmax prob >= t; 'entropy':
-    entropy <= t). temperatures: one per set, indexed by set (0 … M-1), dividing that set's logits first.
+    entropy <= t). None: no sample exits (stored as 2.0 for 'confidence', -1.0 for 'entropy', scores no sample
+    reaches). temperatures: one per set, indexed by set (0 … M-1), dividing that set's logits first. Every value
+    must be a finite number (Python, numpy or 0-d tensor); temperatures > 0.
+
+    Construction checks that per-sample routing is exact for the model (a routed forward on `input_size`, default
+    the model's own input size, is compared with an unrouted one) and refuses models it cannot route (e.g. ViT
+    token taps) with ValueError. A forward on another input size repeats the check once for that size.
     """
 
     def __init__(self, model: SilaNet, thresholds: Union[float, Sequence[float], None] = None,
-                 policy: str = 'confidence', temperatures: Optional[Sequence[float]] = None):
+                 policy: str = 'confidence', temperatures: Optional[Sequence[float]] = None,
+                 input_size: Optional[Sequence[int]] = None):
         super().__init__()
         if not isinstance(model, SilaNet) or model.stripped:
             raise ValueError('EarlyExit needs a full (not stripped) SilaNet: every branch serves as an exit.')
@@ -72,20 +99,33 @@ class EarlyExit(nn.Module):
         self.policy = policy
         self.exit_sets = list(range(model.sets - 1, 0, -1))  # shallowest tap first
         self.thresholds = self._check_thresholds(thresholds)
-        temperatures = [1.0] * model.sets if temperatures is None else [float(t) for t in temperatures]
-        if len(temperatures) != model.sets or any(not t > 0 for t in temperatures):
+        temperatures = [1.0] * model.sets if temperatures is None else _finite_numbers(temperatures, 'temperatures')
+        if not isinstance(temperatures, list) or len(temperatures) != model.sets or any(t <= 0 for t in temperatures):
             raise ValueError(f'temperatures must be {model.sets} positive numbers (one per set), got {temperatures}.')
         self.temperatures = temperatures
         self._macs_per_sample: Dict[tuple, int] = {}
         self._verified: set = set()
+        self._verify_model(input_size)
+
+    def _verify_model(self, input_size: Optional[Sequence[int]]) -> None:
+        from .taps import probe_input_shape
+        shape = tuple(int(v) for v in (input_size or probe_input_shape(self.model.base)))
+        param = next(self.model.parameters())
+        x = torch.zeros(1, *shape, device=param.device, dtype=param.dtype)
+        was_training = self.model.training
+        self.model.eval()  # the check must not update batch-norm statistics
+        try:
+            self.verify(x)
+        finally:
+            self.model.train(was_training)
 
     def _check_thresholds(self, thresholds) -> List[float]:
         n = len(self.exit_sets)
         if thresholds is None:
-            return [math.inf if self.policy == 'confidence' else -math.inf] * n
-        if isinstance(thresholds, (int, float)):
-            return [float(thresholds)] * n
-        thresholds = [float(t) for t in thresholds]
+            return [_NEVER[self.policy]] * n
+        thresholds = _finite_numbers(thresholds, 'thresholds')
+        if not isinstance(thresholds, list):
+            return [thresholds] * n
         if len(thresholds) != n:
             raise ValueError(f'thresholds must be one number or {n} (sets {self.exit_sets}), got {thresholds}.')
         return thresholds
@@ -119,7 +159,8 @@ class EarlyExit(nn.Module):
                 nonlocal active, out
                 if not torch.is_tensor(feat) or feat.ndim != 4 or feat.shape[1] != model.heads[str(k)].in_channels:
                     raise ValueError(f'Tap {model.taps[k - 1]!r} does not output an NCHW map for head {k}; '
-                                     f'early exit cannot route this architecture.')
+                                     f'early exit cannot route this architecture; use one branch per batch '
+                                     f'(model.branch = k) instead.')
                 logits = model.heads[str(k)](feat) / self.temperatures[k]
                 if out is None:
                     out = logits.new_zeros(b, logits.shape[1])
@@ -219,6 +260,9 @@ class EarlyExit(nn.Module):
     def forward(self, x: torch.Tensor) -> ExitResult:
         if self.model.training:
             raise ValueError('EarlyExit is for inference: call model.eval() first.')
+        if x.shape[0] == 0:  # nothing to route; compute is 0 of 0 MACs (nan, as torch's mean of nothing)
+            return ExitResult(x.new_zeros(0, self.model.num_classes), torch.zeros(0, dtype=torch.long,
+                                                                                  device=x.device), math.nan)
         self.verify(x)
         full = self._full_macs(x)
         logits, exit_set, macs = self._route(x)
@@ -226,46 +270,89 @@ class EarlyExit(nn.Module):
 
     # --- persistence --------------------------------------------------------------------------------
     def save(self, path) -> None:
-        """One .safetensors file: the SilaNet's weights, its sila_* arguments and this exit configuration."""
-        import os
-        import tempfile
+        """One .safetensors file: the SilaNet's weights, its sila_* and architecture arguments and this exit
+        configuration, written atomically (the previous file stays whole if the write fails). Refuses (ValueError)
+        a model built with arguments an EarlyExit file may not carry (see `timm_sila.config.FILE_MODEL_KWARGS`),
+        so that every saved file loads."""
         from safetensors.torch import save_file
-        meta = dict(arch=self.model.arch, num_classes=self.model.num_classes,
-                    model_args=dict(getattr(self.model, '_model_args', {}) or {}, **self.model.sila_args()),
-                    early_exit=self.config())
-        meta['model_args'].pop('num_classes', None)
-        state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.safetensors', dir=os.path.dirname(path) or '.')
-        os.close(fd)
+        from .atomic import atomic_write_file
+        from .config import UnsafeFileError, sanitize_file_model_kwargs
+        model_args = dict(getattr(self.model, '_model_args', None) or {}, **self.model.sila_args())
+        model_args.pop('num_classes', None)
         try:
-            save_file(state, tmp, metadata={'timm_sila': json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            sanitize_file_model_kwargs(model_args, path)
+        except UnsafeFileError as e:
+            raise ValueError(f'Cannot save {path}: the model was built with {e.key}={model_args.get(e.key)!r}, which '
+                             f'an EarlyExit file may not carry (EarlyExit.load would refuse it). Build the model '
+                             f'without it.') from None
+        meta = dict(arch=self.model.arch, num_classes=self.model.num_classes, model_args=model_args,
+                    early_exit=self.config())
+        state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+        atomic_write_file(path, lambda tmp: save_file(state, str(tmp), metadata={'timm_sila': json.dumps(meta)}))
 
     @classmethod
     def load(cls, path) -> 'EarlyExit':
-        """Rebuild a saved EarlyExit (model in eval mode)."""
+        """Rebuild a saved EarlyExit (model in eval mode).
+
+        The file may choose weights, never code, URLs, paths or downloads: its model arguments pass the allow-list
+        of `timm_sila.config.sanitize_file_model_kwargs`, the architecture must be a registered name, tensors must
+        match the model (no silent dtype cast) and the exit configuration must be finite. Anything else raises one
+        `CheckpointError` (a ValueError) naming the file; loading performs no network access and writes nothing.
+        """
         import timm
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        with safe_open(str(path), 'pt') as f:
-            raw = (f.metadata() or {}).get('timm_sila')
+        from .checkpoint import load_state_dict_checked, read_safetensors
+        from .config import CheckpointError, check_file_architecture, sanitize_file_model_kwargs
+        tensors, metadata = read_safetensors(path)
+        raw = metadata.get('timm_sila')
         if raw is None:
-            raise ValueError(f'{path} has no timm_sila early-exit metadata; save it with EarlyExit.save().')
-        meta = json.loads(raw)
-        model = timm.create_model(f"sila_{meta['arch']}", num_classes=meta['num_classes'], **meta['model_args'])
-        model.load_state_dict(load_file(str(path)))
-        cfg = meta['early_exit']
-        return cls(model.eval(), thresholds=cfg['thresholds'], policy=cfg['policy'],
-                   temperatures=cfg['temperatures'])
+            raise CheckpointError(f'{path} has no timm_sila early-exit metadata; save it with EarlyExit.save().')
+        try:
+            meta = json.loads(raw, parse_constant=_refuse_constant)
+        except ValueError as e:
+            raise CheckpointError(f'{path}: its early-exit metadata is not JSON of finite numbers ({e}).') from None
+        cfg = meta.get('early_exit') if isinstance(meta, dict) else None
+        num_classes = meta.get('num_classes') if isinstance(meta, dict) else None
+        if (not isinstance(cfg, dict) or not isinstance(meta.get('arch'), str) or isinstance(num_classes, bool)
+                or not isinstance(num_classes, int) or num_classes < 1
+                or not {'policy', 'thresholds', 'temperatures'} <= set(cfg)):
+            raise CheckpointError(f'{path}: its early-exit metadata lacks arch (a name), num_classes (an integer '
+                                  f'>= 1) or early_exit (policy, thresholds, temperatures); save it with '
+                                  f'EarlyExit.save().')
+        name = check_file_architecture(f'sila_{check_file_architecture(meta["arch"], path)}', path)
+        kwargs = sanitize_file_model_kwargs(meta.get('model_args'), path, overridden=('num_classes',))
+        try:
+            model = timm.create_model(name, num_classes=num_classes, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f'{path}: cannot rebuild {name} from its model arguments {kwargs}: {e}') from None
+        load_state_dict_checked(model, tensors, path, what=name)
+        try:
+            return cls(model.eval(), thresholds=cfg['thresholds'], policy=cfg['policy'],
+                       temperatures=cfg['temperatures'])
+        except ValueError as e:
+            raise CheckpointError(f'{path}: invalid early-exit configuration: {e}') from None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f'{name} is not a number a file may give')
 
 
 # --- calibration on held-out data -----------------------------------------------------------------------
-def calibrate_temperatures(branch_logits: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> List[float]:
-    """Per-set temperature minimising NLL on held-out data. branch_logits: (n, M, N) in set order."""
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+def calibrate_temperatures(branch_logits: torch.Tensor, labels: torch.Tensor, steps: int = 100,
+                           bounds: Sequence[float] = TEMPERATURE_BOUNDS) -> List[float]:
+    """Per-set temperature minimising NLL on held-out data, within `bounds`. branch_logits: (n, M, N) in set order.
+
+    The NLL is convex in 1/T, so clamping the free fit to `bounds` gives the best temperature within them. A fit
+    outside them is clamped with a UserWarning: T > 20 means the set's logits carry almost no confidence
+    information (typically an untrained or collapsed head, whose free fit runs off to thousands), T < 0.05 that
+    they are compressed 20-fold; either way thresholds on such scores would mean little.
+    """
+    if branch_logits.ndim != 3 or branch_logits.shape[0] == 0 or labels.shape != branch_logits.shape[:1]:
+        raise ValueError(f'Temperature calibration needs (n, M, N) logits with n >= 1 and (n,) labels, got '
+                         f'{tuple(branch_logits.shape)} and {tuple(labels.shape)}: is the calibration set empty?')
+    low, high = bounds
     temps = []
     for k in range(branch_logits.shape[1]):
         logits = branch_logits[:, k].double()
@@ -279,7 +366,15 @@ def calibrate_temperatures(branch_logits: torch.Tensor, labels: torch.Tensor, st
             return loss
 
         opt.step(closure)
-        temps.append(float(log_t.detach().exp()))
+        fitted = float(log_t.detach().exp())
+        if math.isnan(fitted):
+            raise ValueError(f'Temperature calibration of set {k} failed: its logits are not finite.')
+        t = min(max(fitted, low), high)
+        if t != fitted:
+            warnings.warn(f'set {k}: fitted temperature {fitted:.4g} is outside [{low}, {high}] (its logits carry '
+                          f'{"almost no" if fitted > high else "compressed"} confidence information, e.g. an '
+                          f'untrained head); using {t}.', UserWarning, stacklevel=2)
+        temps.append(t)
     return temps
 
 
@@ -320,6 +415,9 @@ def choose_threshold(branch_logits, labels, temperatures, segment_macs, policy='
     within a compute `budget` (fraction). Returns the chosen simulate_exits() row plus 'threshold'."""
     if (max_drop is None) == (budget is None):
         raise ValueError('Give exactly one of max_drop (accuracy points) or budget (compute fraction).')
+    limit = max_drop if budget is None else budget
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not math.isfinite(limit) or limit < 0:
+        raise ValueError(f'max_drop / budget must be a finite number >= 0, got {limit!r}.')
     base_acc = 100.0 * float((branch_logits[:, 0].argmax(-1) == labels).float().mean())
     scores = torch.cat([_score(branch_logits[:, k] / temperatures[k], policy)
                         for k in range(1, branch_logits.shape[1])])
@@ -340,4 +438,39 @@ def choose_threshold(branch_logits, labels, temperatures, segment_macs, policy='
         if not ok:
             raise ValueError(f'No threshold reaches a compute budget of {budget}: the shallowest exit alone costs more.')
         best = max(ok, key=lambda r: (r['accuracy'], -r['compute']))
+    return dict(best, base_accuracy=base_acc)
+
+
+def choose_thresholds(branch_logits, labels, temperatures, segment_macs, policy='confidence', max_drop: float = 1.0,
+                      candidates: int = 50, rounds: int = 4) -> dict:
+    """One threshold per exit (exit order, as EarlyExit takes them), chosen on held-out data: the least compute
+    whose accuracy is within `max_drop` points of the base head's.
+
+    Starts from the shared threshold of `choose_threshold` and improves one exit at a time (coordinate descent over
+    `candidates` quantiles of that exit's scores, plus "never exit"), for up to `rounds` passes; a change is kept
+    only if it lowers compute within the accuracy constraint, so the result never costs more than the shared one.
+    Returns the chosen simulate_exits() row plus 'thresholds' and 'base_accuracy'."""
+    shared = choose_threshold(branch_logits, labels, temperatures, segment_macs, policy, max_drop=max_drop)
+    base_acc, floor = shared['base_accuracy'], shared['base_accuracy'] - max_drop
+    exit_sets = list(range(branch_logits.shape[1] - 1, 0, -1))
+    sign = -1.0 if policy == 'entropy' else 1.0
+    grids = []
+    for k in exit_sets:
+        scores = _score(branch_logits[:, k] / temperatures[k], policy).double()
+        levels = torch.linspace(0, 1, candidates, dtype=torch.float64)
+        grids.append(sorted({sign * v for v in torch.quantile(scores, levels).tolist()} | {_NEVER[policy]}))
+    best = dict(simulate_exits(branch_logits, labels, [shared['threshold']] * len(exit_sets), temperatures,
+                               segment_macs, policy), thresholds=[shared['threshold']] * len(exit_sets))
+    for _ in range(rounds):
+        improved = False
+        for j, grid in enumerate(grids):
+            for t in grid:
+                trial = list(best['thresholds'])
+                trial[j] = t
+                row = simulate_exits(branch_logits, labels, trial, temperatures, segment_macs, policy)
+                if row['accuracy'] >= floor and (row['compute'], -row['accuracy']) < (best['compute'],
+                                                                                      -best['accuracy']):
+                    best, improved = dict(row, thresholds=trial), True
+        if not improved:
+            break
     return dict(best, base_accuracy=base_acc)

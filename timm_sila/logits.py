@@ -102,6 +102,7 @@ class SilaLogits(torch.Tensor):
 
     `F.cross_entropy(logits, target, label_smoothing=ε)` and `F.log_softmax(logits, -1)` are answered with the
     Sila loss and the folded (B, N) Sila log-probabilities; any other operation raises `SilaLossError`.
+    `weight=`, `ignore_index=`, `reduction=` and `label_smoothing=` keep their torch meaning (`sila_cross_entropy`).
     `unwrap()` returns the plain tensor for code that computes the Sila loss itself.
     """
 
@@ -135,14 +136,13 @@ def _sila_state(x) -> _SilaState:
 
 def _cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                    reduction='mean', label_smoothing=0.0):
-    if weight is not None or size_average is not None or reduce is not None:
-        raise SilaLossError('Class weights and legacy size_average/reduce arguments are not supported by the Sila '
-                            'loss. ' + _SUPPORTED)
+    if size_average is not None or reduce is not None:
+        raise SilaLossError('The legacy size_average/reduce arguments are not supported by the Sila loss; use '
+                            "reduction='mean'/'sum'/'none'. " + _SUPPORTED)
     state = _sila_state(input)
     plain = input.unwrap()
-    # ignore_index needs no check of its own: sila_cross_entropy rejects any target outside [0, N) (one sync a step)
-    return sila_cross_entropy(plain, target, state.num_classes, state.beta, state.decay,
-                              smoothing=label_smoothing, reduction=reduction)
+    return sila_cross_entropy(plain, target, state.num_classes, state.beta, state.decay, smoothing=label_smoothing,
+                              reduction=reduction, weight=weight, ignore_index=ignore_index)
 
 
 def _log_softmax(input, dim=None, _stacklevel=3, dtype=None):

@@ -1,4 +1,11 @@
-"""The Sila loss (paper Eq. 4, Fig. 1): one softmax over all M·N logits, weighted CE per label set."""
+"""The Sila loss (paper Eq. 4, Fig. 1): one softmax over all M·N logits, weighted CE per label set.
+
+Every option of torch's cross-entropy (`weight`, `ignore_index`, `reduction`, `label_smoothing`) keeps its exact
+torch meaning: the Sila loss is torch's cross-entropy formula with `log_softmax(input)` replaced by the folded
+Sila log-probabilities `sila_log_probs(logits)` (for plain (B, N) logits the two coincide).
+"""
+import math
+import numbers
 from typing import List, Optional
 
 import torch
@@ -7,10 +14,50 @@ import torch.nn.functional as F
 
 __all__ = ['SilaLoss', 'sila_set_weights', 'sila_log_probs', 'sila_cross_entropy']
 
+_REDUCTIONS = ('mean', 'sum', 'none')
+
+
+def _finite(name: str, value) -> float:
+    """`value` as a float, refusing booleans, strings, NaN and infinities."""
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError(f'{name} must be a finite number, got {value!r}.')
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'{name} must be a finite number, got {value!r}.') from None
+    if not math.isfinite(value):
+        raise ValueError(f'{name} must be a finite number, got {value}.')
+    return value
+
 
 def _check_hparams(beta: float, decay: float) -> None:
+    beta, decay = _finite('Sila beta', beta), _finite('Sila decay (lambda)', decay)
     if beta < 0 or decay < 0:
         raise ValueError(f'Sila loss needs beta >= 0 and decay >= 0, got beta={beta}, decay={decay}.')
+
+
+def _check_smoothing(smoothing: float) -> float:
+    smoothing = _finite('smoothing', smoothing)
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f'smoothing must be in [0, 1), got {smoothing}.')
+    return smoothing
+
+
+def _check_options(reduction: str, ignore_index: int) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f'ignore_index must be an integer class index (torch default -100), got {ignore_index!r}.')
+
+
+def _check_weight(weight: Optional[torch.Tensor], num_classes: int) -> None:
+    if weight is None:
+        return
+    if not torch.is_tensor(weight) or not weight.is_floating_point() or tuple(weight.shape) != (num_classes,):
+        got = tuple(weight.shape) if torch.is_tensor(weight) else type(weight).__name__
+        raise ValueError(
+            f'weight must be a 1-D floating tensor of num_classes={num_classes} class weights (one per original '
+            f'label, as for nn.CrossEntropyLoss; the Sila label sets reuse them), got {got}.')
 
 
 def _num_sets(width: int, num_classes: int) -> int:
@@ -49,20 +96,60 @@ def sila_log_probs(logits: torch.Tensor, num_classes: int, beta: float = 0.1, de
     return torch.einsum('bmn,m->bn', log_p.unflatten(1, (sets, num_classes)), weights)
 
 
-def _check_target(target: torch.Tensor, batch: int, num_classes: int) -> None:
+def _check_target(target: torch.Tensor, batch: int, num_classes: int, ignore_index: int) -> None:
     if target.is_floating_point():
         if target.ndim != 2 or target.shape[1] != num_classes or target.shape[0] != batch:
             raise ValueError(
                 f'Soft targets must have shape (batch, num_classes) = ({batch}, {num_classes}), '
                 f'got {tuple(target.shape)}.')
+        if ignore_index >= 0:
+            raise ValueError(f'ignore_index={ignore_index} is not supported with soft (probability) targets '
+                             f'(as in torch): give class indices, or leave ignore_index at its default -100.')
         return
     if target.ndim != 1 or target.shape[0] != batch:
         raise ValueError(f'Class-index targets must have shape ({batch},), got {tuple(target.shape)}.')
-    if target.numel() and bool(((target < 0) | (target >= num_classes)).any()):
-        bad = target[(target < 0) | (target >= num_classes)][:5].tolist()
+    bad_mask = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if target.numel() and bool(bad_mask.any()):
+        bad = target[bad_mask][:5].tolist()
         raise ValueError(
-            f'Targets must be class indices in [0, {num_classes}); got {bad}. Siamese label sets are added by '
-            f'the loss itself: pass the original labels.')
+            f'Targets must be class indices in [0, {num_classes}) or ignore_index={ignore_index}; got {bad}. '
+            f'Siamese label sets are added by the loss itself: pass the original labels.')
+
+
+def _cross_entropy_of_log_probs(log_probs: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                                ignore_index: int, reduction: str, smoothing: float) -> torch.Tensor:
+    """torch's cross-entropy formula (F.cross_entropy, every option) on given (B, N) log-probabilities.
+
+    Class-index targets: per-sample loss w[t]·((1-ε)·(-lp[t]) - ε/N·Σ_c w_c·lp[c] / w[t]) with w ≡ 1 when
+    `weight` is None, 0 for targets equal to `ignore_index`; 'mean' divides the sum by Σ w[t] over the kept
+    samples (nan when none is kept, as torch). Soft targets q: -Σ_c w_c·q'_c·lp[c] with q' = (1-ε)q + ε/N;
+    'mean' divides by the batch size.
+    """
+    n = log_probs.shape[1]
+    if weight is not None:
+        weight = weight.to(log_probs.dtype)
+    if target.is_floating_point():
+        q = target.to(log_probs.dtype)
+        if smoothing:
+            q = (1.0 - smoothing) * q + smoothing / n
+        terms = q * log_probs if weight is None else q * log_probs * weight
+        loss = -terms.sum(-1)
+        return loss.mean() if reduction == 'mean' else loss.sum() if reduction == 'sum' else loss
+    target = target.long()
+    nll = F.nll_loss(log_probs, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
+    if not smoothing:
+        return nll
+    ignored = target == ignore_index
+    smooth = -(log_probs if weight is None else log_probs * weight).sum(-1).masked_fill(ignored, 0.0)
+    if reduction == 'mean':
+        if weight is None:
+            kept = (~ignored).sum()
+        else:
+            kept = weight.gather(0, target.masked_fill(ignored, 0)).masked_fill(ignored, 0.0).sum()
+        smooth = smooth.sum() / kept
+    elif reduction == 'sum':
+        smooth = smooth.sum()
+    return (1.0 - smoothing) * nll + (smoothing / n) * smooth
 
 
 def sila_cross_entropy(
@@ -73,54 +160,59 @@ def sila_cross_entropy(
         decay: float = 0.5,
         smoothing: float = 0.0,
         reduction: str = 'mean',
+        weight: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
 ) -> torch.Tensor:
     """Sila loss of (B, M·N) logits against (B,) class indices or (B, N) soft targets.
 
-    loss_b = -Σ_j w_j Σ_c q_c log p(c + j·N), q = (1 - smoothing)·target + smoothing/N.
+    loss_b = -Σ_j w_j Σ_c q_c log p(c + j·N), q = (1 - smoothing)·target + smoothing/N. `weight` (N,),
+    `ignore_index` and `reduction` act exactly as in F.cross_entropy on the folded log-probabilities: a sample
+    whose target is `ignore_index` contributes nothing and is not counted by 'mean'; with class weights the
+    whole Sila term of sample b is scaled by weight[target_b] and 'mean' divides by Σ_b weight[target_b].
+    'mean' over no kept sample (empty batch, all ignored) is nan, as in torch.
     """
-    if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f'smoothing must be in [0, 1), got {smoothing}.')
-    if reduction not in ('mean', 'sum', 'none'):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
+    smoothing = _check_smoothing(smoothing)
+    _check_options(reduction, ignore_index)
+    _check_weight(weight, num_classes)
     folded = sila_log_probs(logits, num_classes, beta, decay)
-    _check_target(target, folded.shape[0], num_classes)
-    if target.is_floating_point():
-        loss = -(target.to(folded.dtype) * folded).sum(-1)
-        if smoothing:
-            loss = (1.0 - smoothing) * loss - smoothing * folded.mean(-1)
-    else:
-        loss = -folded.gather(1, target.long().unsqueeze(1)).squeeze(1)
-        if smoothing:
-            loss = (1.0 - smoothing) * loss - smoothing * folded.mean(-1)
-    if reduction == 'mean':
-        return loss.mean()
-    if reduction == 'sum':
-        return loss.sum()
-    return loss
+    _check_target(target, folded.shape[0], num_classes, ignore_index)
+    return _cross_entropy_of_log_probs(folded, target, weight, int(ignore_index), reduction, smoothing)
 
 
 class SilaLoss(nn.Module):
     """Sila loss (paper Eq. 4): CE(t) + Σ_{j=1}^{M-1} β·decay^(j-1)·CE(t + j·N) under one softmax over M·N.
 
     Input: logits (B, M·N) ordered [set 0 | set 1 | ... | set M-1]; M = width // num_classes.
-    Target: (B,) class indices in [0, N) or (B, N) probabilities (Mixup/CutMix). Returns the batch mean.
+    Target: (B,) class indices in [0, N) or (B, N) probabilities (Mixup/CutMix). `weight`, `ignore_index` and
+    `reduction` as in nn.CrossEntropyLoss (see `sila_cross_entropy`); by default the batch mean.
     """
 
-    def __init__(self, num_classes: int, beta: float = 0.1, decay: float = 0.5, smoothing: float = 0.0):
+    def __init__(self, num_classes: int, beta: float = 0.1, decay: float = 0.5, smoothing: float = 0.0,
+                 ignore_index: int = -100, weight: Optional[torch.Tensor] = None, reduction: str = 'mean'):
         super().__init__()
         _check_hparams(beta, decay)
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f'smoothing must be in [0, 1), got {smoothing}.')
+        self.smoothing = _check_smoothing(smoothing)
+        _check_options(reduction, ignore_index)
+        _check_weight(weight, int(num_classes))
+        if weight is not None and not bool(torch.isfinite(weight).all()):
+            raise ValueError(f'weight must hold finite numbers, got {weight.tolist()}.')
         self.num_classes = int(num_classes)
         self.beta = float(beta)
         self.decay = float(decay)
-        self.smoothing = float(smoothing)
+        self.ignore_index = int(ignore_index)
+        self.reduction = reduction
+        self.register_buffer('weight', weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         from .logits import SilaLogits
         if isinstance(logits, SilaLogits):
             logits = logits.unwrap()
-        return sila_cross_entropy(logits, target, self.num_classes, self.beta, self.decay, self.smoothing)
+        return sila_cross_entropy(logits, target, self.num_classes, self.beta, self.decay, self.smoothing,
+                                  reduction=self.reduction, weight=self.weight, ignore_index=self.ignore_index)
 
     def extra_repr(self) -> str:
-        return f'num_classes={self.num_classes}, beta={self.beta}, decay={self.decay}, smoothing={self.smoothing}'
+        extra = ''.join([f', ignore_index={self.ignore_index}' if self.ignore_index != -100 else '',
+                         f", reduction='{self.reduction}'" if self.reduction != 'mean' else '',
+                         ', weighted' if self.weight is not None else ''])
+        return (f'num_classes={self.num_classes}, beta={self.beta}, decay={self.decay}, '
+                f'smoothing={self.smoothing}{extra}')
