@@ -12,6 +12,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
+# writes output/demo (ignored by git), replacing the previous demo's files
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
@@ -23,4 +24,4 @@ test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache output/demo

@@ -76,11 +76,19 @@ def family_map(names: Optional[Sequence[str]] = None) -> Dict[str, List[str]]:
     return {(p if per_prefix[p] == 1 else f'{p} ({mod})'): sorted(v) for (p, mod), v in sorted(keyed.items())}
 
 
-def _count_params_meta(names: Sequence[str]) -> Dict[str, Optional[int]]:
+def _progress(message: str) -> None:
+    """Progress of a long phase, on stderr (stdout keeps the results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _count_params_meta(names: Sequence[str], label: str = '') -> Dict[str, Optional[int]]:
     import torch
     import timm
     out = {}
-    for n in names:
+    start = time.time()
+    for i, n in enumerate(names):
+        if i and i % 100 == 0:
+            _progress(f'  {label}counted {i} / {len(names)} architectures ({time.time() - start:.0f} s)')
         try:
             with torch.device('meta'):
                 model = timm.create_model(n)
@@ -90,10 +98,11 @@ def _count_params_meta(names: Sequence[str]) -> Dict[str, Optional[int]]:
     return out
 
 
-def param_counts(cache: Path, jobs: int = 1) -> Dict[str, Optional[int]]:
-    """Parameter count of every timm architecture (default config), built on 'meta'; cached per timm version."""
+def param_counts(cache: Path, jobs: int = 1, names: Optional[Sequence[str]] = None) -> Dict[str, Optional[int]]:
+    """Parameter count of every timm architecture (default config; or of `names`), built on 'meta'; cached per
+    timm version. Counting them all takes minutes: progress goes to stderr."""
     import timm
-    names = [n for n in timm.list_models() if not n.startswith('sila_')]
+    names = [n for n in (names or timm.list_models()) if not n.startswith('sila_')]
     data = {}
     if cache.is_file():
         data = json.loads(cache.read_text())
@@ -102,14 +111,16 @@ def param_counts(cache: Path, jobs: int = 1) -> Dict[str, Optional[int]]:
     counts = data.get('params', {})
     todo = [n for n in names if n not in counts]
     if todo:
-        print(f'counting parameters of {len(todo)} architectures on the meta device (cached in {cache}) ...',
-              flush=True)
+        _progress(f'counting parameters of {len(todo)} architectures on the meta device to pick each family\'s '
+                  f'smallest (once per timm version, cached in {cache}) ...')
         chunks = [todo[i::max(jobs, 1)] for i in range(max(jobs, 1))]
+        start = time.time()
         if jobs > 1:
             with ThreadPoolExecutor(jobs) as pool:
-                parts = list(pool.map(_count_in_subprocess, chunks))
+                parts = list(pool.map(_count_in_subprocess, chunks, range(jobs)))
         else:
             parts = [_count_params_meta(todo)]
+        _progress(f'counted {len(todo)} architectures in {time.time() - start:.0f} s')
         for part in parts:
             counts.update(part)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -117,12 +128,12 @@ def param_counts(cache: Path, jobs: int = 1) -> Dict[str, Optional[int]]:
     return counts
 
 
-def _count_in_subprocess(names: List[str]) -> Dict[str, Optional[int]]:
+def _count_in_subprocess(names: List[str], job: int = 0) -> Dict[str, Optional[int]]:
     with tempfile.NamedTemporaryFile('w', suffix='.json', delete=False) as f:
         json.dump(names, f)
-    try:
-        out = subprocess.run([sys.executable, __file__, '--count-params', f.name], capture_output=True, text=True,
-                             check=True, env=_child_env(1))
+    try:  # the child's progress lines reach this stderr
+        out = subprocess.run([sys.executable, __file__, '--count-params', f.name, '--count-label', f'job {job}: '],
+                             stdout=subprocess.PIPE, text=True, check=True, env=_child_env(1))
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         os.unlink(f.name)
@@ -607,19 +618,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--child', help=argparse.SUPPRESS)
     p.add_argument('--work', help=argparse.SUPPRESS)
     p.add_argument('--count-params', help=argparse.SUPPRESS)
+    p.add_argument('--count-label', default='', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.child:
         _child_main(args.child, args.work, args.threads)
         return 0
     if args.count_params:
-        print(json.dumps(_count_params_meta(json.loads(Path(args.count_params).read_text()))))
+        print(json.dumps(_count_params_meta(json.loads(Path(args.count_params).read_text()), args.count_label)))
         return 0
+    if args.report_only and not load_results(args.results):
+        print(f'coverage.py: error: --report-only needs the results of a sweep, and {args.results} '
+              f'{"holds none" if args.results.is_file() else "does not exist"} (runs/ is not in git); run the '
+              f'sweep first (python benchmarks/coverage.py --jobs 2) or pass --results FILE. {args.doc} was left '
+              f'as it is.', file=sys.stderr)
+        return 2
 
     import warnings
     warnings.filterwarnings('ignore')
+    _progress('listing timm architectures and their families ...')
     families = family_map()
-    cache = DEFAULT_RESULTS.parent / 'params.json'
+    cache = args.results.parent / 'params.json'
     if args.archs and not cache.is_file():
         counts = {}  # explicit architectures need no family selection
     else:

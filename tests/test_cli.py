@@ -1,5 +1,7 @@
-"""`timm-sila` console script: info (paper Table 3 columns) and strip; exit 2 with one line on bad input."""
+"""`timm-sila` console script: info (paper Table 3 columns) and strip; exit 2 with one line on bad input;
+help and usage errors without importing torch."""
 import argparse
+import configparser
 import json
 import subprocess
 import sys
@@ -70,9 +72,10 @@ def test_strip_command(checkpoint, tmp_path, capsys):
             assert torch.equal(model(x), net(x))
     finally:
         net.branch = 0
-    # an existing folder needs --force
+    # an existing folder needs --force: the CLI names its own flag, not the API's overwrite=True
     assert main(['strip', str(path), '--branch', '0', '--out', str(out)]) == 2
-    assert 'not empty' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 'not empty' in err and '--force' in err and 'overwrite' not in err
     assert main(['strip', str(path), '--branch', '0', '--out', str(out), '--force']) == 0
     assert 'local-dir' in capsys.readouterr().out
     assert json.loads((out / 'config.json').read_text())['architecture'] == 'resnet18'
@@ -84,7 +87,7 @@ def test_strip_command(checkpoint, tmp_path, capsys):
     (['strip', '{ckpt}', '--branch', '0', '--out', '{out}', '--ema'], 'no state_dict_ema'),
     (['strip', '{vanilla}', '--branch', '0', '--out', '{out}', '--model', 'sila_resnet18'], 'not a SilaNet'),
     (['strip', '{ckpt}', '--branch', '0', '--out', '{out}', '--model-kwargs', 'oops'], 'KEY=VALUE'),
-    (['info', 'sila_no_such_net', '--num-classes', '10'], 'Unknown model'),
+    (['info', 'sila_no_such_net', '--num-classes', '10'], "unknown model 'sila_no_such_net'"),
     (['info', 'sila_resnet18'], 'needs --num-classes'),
 ])
 def test_bad_input_exits_2_with_one_line(checkpoint, tmp_path, capsys, argv, message):
@@ -101,10 +104,60 @@ def test_bad_input_exits_2_with_one_line(checkpoint, tmp_path, capsys, argv, mes
 
 
 def test_usage_errors_exit_2(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(['strip', 'x.pth.tar', '--out', 'y'])  # no --branch
-    assert exc.value.code == 2
+    assert main(['strip', 'x.pth.tar', '--out', 'y']) == 2  # no --branch
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize('text,expected', [
+    # as timm's train.py reads --model-kwargs (utils.ParseKwargs): a Python literal, else the string itself
+    ('sila_beta=0.25', 0.25), ('sila_sets=4', 4), ('sila_stripped=True', True), ('drop_rate=None', None),
+    ("sila_taps=['layer3','layer1']", ['layer3', 'layer1']), ('sila_taps=[3,1]', [3, 1]), ('act_layer=gelu', 'gelu'),
+    ('sila_head=conv3x3', 'conv3x3'), ('note=a=b', 'a=b'), ('x=1e-3', 1e-3), ('x=(1,2)', (1, 2)), ('x=', ''),
+])
+def test_model_kwargs_read_as_train_py_reads_them(text, expected):
+    from timm.utils import ParseKwargs
+    from timm_sila_cli import build_parser
+    ours = build_parser().parse_args(['info', 'resnet18', '--model-kwargs', text]).model_kwargs
+    reference = argparse.ArgumentParser()
+    reference.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    assert ours == reference.parse_args(['--model-kwargs', text]).model_kwargs == {text.split('=')[0]: expected}
+
+
+_HEAVY = ('torch', 'timm', 'timm_sila', 'numpy')
+
+
+def test_help_and_usage_errors_import_no_torch():
+    """`timm-sila --help` and every usage error answer from timm_sila_cli alone (no torch, timm or timm_sila)."""
+    code = (
+        'import json, sys\n'
+        'import timm_sila_cli\n'
+        'cases = json.loads(sys.argv[1])\n'
+        'codes = [timm_sila_cli.main(argv) for argv in cases]\n'
+        f'heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({list(_HEAVY)!r}))\n'
+        'print(json.dumps(dict(codes=codes, heavy=heavy)), file=sys.stderr)\n')
+    cases = [['--help'], ['strip', '--help'], ['eval', '--help'], ['exit-curve', '--help'], ['info', '--help'],
+             [], ['nope'], ['strip', 'x.pth.tar', '--out', 'y'], ['strip', 'x', '--branch', '-1', '--out', 'y'],
+             ['info', 'resnet18', '--model-kwargs', 'oops'], ['eval', '--model', 'm', '--data-dir', 'd',
+                                                               '--batch-size', '0'],
+             ['exit-curve', '--model', 'm', '--checkpoint', 'c', '--data-dir', 'd', '--calib-split', 'v',
+              '--max-drop', 'nan'],
+             ['exit-curve', '--model', 'm', '--checkpoint', 'c', '--data-dir', 'd', '--calib-split', 'v',
+              '--calib-limit', '0']]
+    run = subprocess.run([sys.executable, '-c', code, json.dumps(cases)], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    report = json.loads(run.stderr.strip().splitlines()[-1])
+    assert report['heavy'] == []
+    assert report['codes'] == [0] * 5 + [2] * (len(cases) - 5)
+    assert 'usage: timm-sila' in run.stdout and 'exit-curve' in run.stdout
+    errors = run.stderr.strip().splitlines()[:-1]
+    assert len(errors) == len(cases) - 5 and all(line.startswith('timm-sila') for line in errors)
+
+
+def test_console_script_entry_point_is_torch_free():
+    # the installed `timm-sila` must start in timm_sila_cli: any module under timm_sila imports torch first
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / 'setup.cfg')
+    assert cfg['options.entry_points']['console_scripts'].strip() == 'timm-sila = timm_sila_cli:main'
 
 
 def test_debug_shows_the_exception(tmp_path):

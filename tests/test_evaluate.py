@@ -8,8 +8,10 @@ import torch.nn.functional as F
 
 import timm
 import timm_sila
-from timm_sila.evaluation import add_eval_parser, branch_sizes, evaluate, format_eval
+from timm.data import create_transform, resolve_data_config
+from timm_sila.evaluation import branch_sizes, evaluate, format_eval
 from timm_sila.shipping import count_params, export_model, model_info
+from timm_sila_cli import main
 
 from conftest import build_sila
 
@@ -114,22 +116,20 @@ def test_topk_capped_by_classes_and_empty_loader():
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
-def _image_folder(root, n_per_class=4, classes=3, size=32):
+def _image_folder(root, n_per_class=4, classes=3, size=32, splits=('test',)):
     from PIL import Image
     g = torch.Generator().manual_seed(0)
-    for c in range(classes):
-        (root / 'test' / f'class{c}').mkdir(parents=True)
-        for i in range(n_per_class):
-            arr = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
-            Image.fromarray(arr).save(root / 'test' / f'class{c}' / f'{i}.png')  # lossless
+    for split in splits:
+        for c in range(classes):
+            (root / split / f'class{c}').mkdir(parents=True)
+            for i in range(n_per_class):
+                arr = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(arr).save(root / split / f'class{c}' / f'{i}.png')  # lossless
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--debug', action='store_true')
-    add_eval_parser(parser.add_subparsers(dest='command'))
-    args = parser.parse_args(argv)
-    return args.handler(args)
+    """`timm-sila ARGV --debug`: the exit status, or the exception a bad input raises."""
+    return main(argv + ['--debug'])
 
 
 @pytest.fixture(scope='module')
@@ -195,3 +195,95 @@ def test_cli_eval_bad_input(trained, tmp_path):
               str(root), '--ema'])
     with pytest.raises(FileNotFoundError, match='config.json'):
         _cli(['eval', '--model', f'local-dir:{tmp_path}', '--data-dir', str(root)])
+
+
+# --- checkpoints written by timm's train.py: every argument stored, data ones at "use the model's default" --------
+# vars(parser.parse_args([])) of timm 1.0's train.py (the values a checkpoint's `args` carries unless set), plus
+# what train.py adds after parsing. Data config defaults: interpolation='', mean/std/crop_pct/input_size/img_size/
+# in_chans None.
+TRAIN_PY_DEFAULTS = dict(
+    data=None, data_dir=None, dataset='', train_split='train', val_split='validation', train_num_samples=None,
+    val_num_samples=None, dataset_download=False, class_map='', input_img_mode=None, input_key=None, target_key=None,
+    dataset_trust_remote_code=False, model='resnet50', pretrained=False, pretrained_path=None, initial_checkpoint='',
+    resume='', no_resume_opt=False, num_classes=None, gp=None, img_size=None, in_chans=None, input_size=None,
+    crop_pct=None, mean=None, std=None, interpolation='', batch_size=128, validation_batch_size=None,
+    channels_last=False, fuser='', grad_accum_steps=1, grad_checkpointing=False, fast_norm=False, model_kwargs={},
+    head_init_scale=None, head_init_bias=None, torchcompile_mode=None, torchscript=False, torchcompile=None,
+    device='cuda', amp=False, amp_dtype='float16', model_dtype=None, no_ddp_bb=False, synchronize_step=False,
+    local_rank=0, device_modules=None, opt='sgd', opt_eps=None, opt_betas=None, momentum=0.9, weight_decay=2e-05,
+    clip_grad=None, clip_mode='norm', layer_decay=None, layer_decay_min_scale=0, layer_decay_no_opt_scale=None,
+    opt_kwargs={}, sched='cosine', sched_on_updates=False, lr=None, lr_base=0.1, lr_base_size=256, lr_base_scale='',
+    lr_noise=None, lr_noise_pct=0.67, lr_noise_std=1.0, lr_cycle_mul=1.0, lr_cycle_decay=0.5, lr_cycle_limit=1,
+    lr_k_decay=1.0, warmup_lr=1e-05, min_lr=0, epochs=300, epoch_repeats=0.0, start_epoch=None,
+    decay_milestones=[90, 180, 270], decay_epochs=90, warmup_epochs=5, warmup_prefix=False, cooldown_epochs=0,
+    patience_epochs=10, decay_rate=0.1, no_aug=False, train_crop_mode=None, scale=[0.08, 1.0],
+    ratio=[0.75, 1.3333333333333333], hflip=0.5, vflip=0.0, color_jitter=0.4, color_jitter_prob=None,
+    grayscale_prob=None, gaussian_blur_prob=None, aa=None, aug_repeats=0, aug_splits=0, jsd_loss=False,
+    bce_loss=False, bce_sum=False, bce_target_thresh=None, bce_pos_weight=None, reprob=0.0, remode='pixel',
+    recount=1, resplit=False, mixup=0.0, cutmix=0.0, cutmix_minmax=None, mixup_prob=1.0, mixup_switch_prob=0.5,
+    mixup_mode='batch', mixup_off_epoch=0, smoothing=0.1, train_interpolation='random', drop=0.0,
+    drop_connect=None, drop_path=None, drop_block=None, bn_momentum=None, bn_eps=None, sync_bn=False,
+    dist_bn='reduce', split_bn=False, model_ema=False, model_ema_force_cpu=False, model_ema_decay=0.9998,
+    model_ema_warmup=False, seed=42, worker_seeding='all', log_interval=50, val_interval=1, recovery_interval=0,
+    checkpoint_hist=10, workers=4, save_images=False, pin_mem=False, no_prefetcher=False, output='', experiment='',
+    eval_metric='top1', tta=0, use_multi_epochs_loader=False, log_wandb=False, wandb_project=None, wandb_tags=[],
+    wandb_resume_id='', train_img_sizes=None, train_batch_sizes=None, train_size_probs=None,
+    train_size_schedule='constant', train_size_schedule_spread=0.65, train_size_random_mix=0.1,
+    train_batches_per_epoch=None, variable_batch_loss_scale='none', naflex_loader=False,
+    naflex_train_seq_lens=[128, 256, 576, 784, 1024], naflex_max_seq_len=576, naflex_patch_sizes=None,
+    naflex_patch_size_probs=None, naflex_loss_scale='linear', naflex_patchify_channels_first=False,
+    kd_model_name=None, kd_distill_type='logit', kd_loss_type='kl', distill_loss_weight=None, task_loss_weight=None,
+    kd_temperature=4.0, kd_student_feature_dim=None, kd_teacher_feature_dim=None, kd_token_distill_type='soft',
+    # set by train.py after parsing
+    prefetcher=True, distributed=False, world_size=1, rank=0,
+)
+
+
+@pytest.fixture(scope='module')
+def trainpy_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp('trainpy')
+    _image_folder(root, n_per_class=3, splits=('validation', 'test'))
+    return root
+
+
+def _trainpy_checkpoint(path, net, **overrides):
+    """A checkpoint as timm's train.py saves it: `args` is the argparse.Namespace of all its arguments."""
+    args = argparse.Namespace(**dict(TRAIN_PY_DEFAULTS, model='sila_resnet18', num_classes=3,
+                                     device_modules=['timm_sila'], **overrides))
+    torch.save(dict(epoch=0, arch='sila_resnet18', state_dict=net.state_dict(), args=args, version=2), path)
+    return args
+
+
+@pytest.mark.parametrize('overrides', [{}, {'img_size': 32}, {'img_size': 40, 'crop_pct': 0.8,
+                                                                  'interpolation': 'bilinear'}])
+def test_cli_eval_trainpy_checkpoint_uses_trainpy_data_config(trainpy_folder, tmp_path, capsys, overrides):
+    """train.py stores interpolation='' and None for mean/std/crop_pct/input_size (= the model's default): eval
+    resolves them as train.py's own validation does, timm.data.resolve_data_config(vars(args), model=model)."""
+    torch.manual_seed(2)
+    net = timm.create_model('sila_resnet18', num_classes=3).eval()
+    args = _trainpy_checkpoint(tmp_path / 'last.pth.tar', net, **overrides)
+    rc = _cli(['eval', '--model', 'sila_resnet18', '--checkpoint', str(tmp_path / 'last.pth.tar'), '--data-dir',
+               str(trainpy_folder), '--workers', '0', '--device', 'cpu', '--json'])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    cfg = resolve_data_config(vars(args), model=net)  # what train.py validates with
+    assert out['data_config'] == {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+    assert out['data_config']['interpolation'] == overrides.get('interpolation', net.pretrained_cfg['interpolation'])
+    from torchvision.datasets import ImageFolder
+    dataset = ImageFolder(str(trainpy_folder / 'test'), transform=create_transform(**cfg))
+    x = torch.stack([img for img, _ in dataset])
+    ref = evaluate(net, _loader(x, torch.tensor(dataset.targets)))
+    for got, want in zip(out['branches'], ref['branches']):
+        assert got['top1'] == want['top1'] and got['loss'] == pytest.approx(want['loss'], rel=1e-4)
+
+
+def test_cli_exit_curve_trainpy_checkpoint(trainpy_folder, tmp_path, capsys):
+    torch.manual_seed(3)
+    net = timm.create_model('sila_resnet18', num_classes=3).eval()
+    _trainpy_checkpoint(tmp_path / 'last.pth.tar', net, img_size=32)
+    rc = _cli(['exit-curve', '--model', 'sila_resnet18', '--checkpoint', str(tmp_path / 'last.pth.tar'),
+               '--data-dir', str(trainpy_folder), '--calib-split', 'validation', '--batch-size', '3', '--points', '3',
+               '--json'])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out['eval_samples'] == 9 and out['calib_samples'] == 9

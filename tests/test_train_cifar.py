@@ -102,3 +102,22 @@ def test_end_to_end_one_epoch(tmp_path):
         torch.testing.assert_close(plain(x), net.forward_branch(x, 0))
         torch.testing.assert_close(branch1(x), net.forward_branch(x, 1))
     assert len(branch1.base.layer4) == 0 and len(branch1.heads) == 1  # nothing after tap 1 (layer3)
+
+
+def test_demo_writes_under_ignored_output_and_refuses_a_foreign_folder(tmp_path):
+    """`make demo` writes to output/demo (ignored by git, replaced by the next run), not a new temp folder per run;
+    a non-empty --out that no demo wrote is refused before anything is written."""
+    import subprocess
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'examples'))
+    import demo
+    repo = Path(__file__).resolve().parents[1]
+    assert demo.DEFAULT_OUT == repo / 'output' / 'demo'
+    ignored = subprocess.run(['git', 'check-ignore', '-q', 'output/demo/sila_checkpoint.pth.tar'], cwd=repo)
+    assert ignored.returncode == 0
+    mine = tmp_path / 'mine'
+    mine.mkdir()
+    (mine / 'notes.txt').write_text('not a demo output')
+    run = subprocess.run([sys.executable, str(repo / 'examples' / 'demo.py'), '--out', str(mine)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and 'holds no demo output' in run.stderr
+    assert [p.name for p in mine.iterdir()] == ['notes.txt']

@@ -1,4 +1,5 @@
-"""Opt-in: a real timm train.py (TIMM_TRAIN_PY=/path/to/train.py) trains a SilaNet for a few batches.
+"""Opt-in: a real timm train.py (TIMM_TRAIN_PY=/path/to/train.py) trains a SilaNet for a few batches; the README's
+next steps then run on the checkpoint it wrote: strip, `timm-sila eval`, `timm-sila exit-curve`.
 
 train.py is not part of the timm wheel; point TIMM_TRAIN_PY at one from a clone of the timm repository (its folder
 must not contain a `timm/` package that shadows the installed one, or run it from a clone of the installed version).
@@ -6,6 +7,7 @@ must not contain a `timm/` package that shadows the installed one, or run it fro
 import argparse
 import csv
 import importlib.util
+import json
 import math
 import os
 import re
@@ -25,6 +27,7 @@ pytestmark = pytest.mark.skipif(not TRAIN_PY, reason='set TIMM_TRAIN_PY to the p
 N, BETA, DECAY, SETS, BRANCH = 2, 1.0, 0.5, 3, 1  # large β so the Sila loss is far from plain CE at init
 TRAIN_LINE = re.compile(r'Train: (\d+) \[\s*(\d+)/(\d+) .*?Loss: (\S+) \((\S+)\)')
 TIMEOUT_S = 600
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
@@ -108,6 +111,26 @@ def test_train_py_trains_the_sila_loss_and_checkpoints_strip(image_folder, tmp_p
             shipped = load_stripped(out_dir).eval()
             with torch.no_grad():
                 torch.testing.assert_close(shipped(x), model.forward_branch(x, branch))
+
+    # timm-sila eval / exit-curve on the checkpoint as train.py wrote it: its args hold train.py's data defaults
+    # (interpolation='', mean=None, ...), which mean "the model's default", exactly as in train.py's validation
+    evaluated = _timm_sila('eval', '--model', 'sila_resnet18', '--checkpoint', ckpt_path, '--ema', '--data-dir',
+                           image_folder, '--split', 'validation', '--workers', '0', '--device', 'cpu')
+    assert evaluated['num_samples'] == 4 * N and evaluated['data_config']['input_size'] == [3, 32, 32]
+    assert evaluated['branches'][BRANCH]['top1'] == pytest.approx(float(summary['eval_top1']))
+    assert evaluated['branches'][BRANCH]['loss'] == pytest.approx(float(summary['eval_loss']), rel=1e-3, abs=1e-3)
+    curve = _timm_sila('exit-curve', '--model', 'sila_resnet18', '--checkpoint', ckpt_path, '--data-dir',
+                       image_folder, '--split', 'validation', '--calib-split', 'train', '--batch-size', '4',
+                       '--points', '3')
+    assert curve['eval_samples'] == 4 * N and curve['calib_samples'] == 8 * N and curve['rows']
+
+
+def _timm_sila(*argv):
+    """Run the timm-sila command line in a fresh process; its --json result."""
+    proc = subprocess.run([sys.executable, '-m', 'timm_sila_cli', *map(str, argv), '--json'], cwd=REPO,
+                          capture_output=True, text=True, timeout=TIMEOUT_S, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
 
 
 def test_train_py_bce_loss_stops_with_the_flag_name(image_folder, tmp_path):

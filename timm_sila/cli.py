@@ -1,95 +1,53 @@
-"""`timm-sila` console script.
+"""Handlers of the `timm-sila` strip and info commands, and checks shared by every command's handler.
 
-Each subcommand is an `add_<name>_parser(subparsers)` function that adds its parser and sets
-`handler=<function(args) -> int>`; append it to `SUBCOMMANDS` to add a subcommand. Exit status: 0 on success,
-2 on bad input (one-line message on stderr; `--debug` shows the traceback instead).
+The parsers and `main` live in the torch-free `timm_sila_cli` package (so `--help` answers at once); `main` is
+re-exported here for `python -m timm_sila.cli` and `from timm_sila.cli import main`.
 """
 import argparse
+import difflib
 import json
 import math
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict
 
-__all__ = ['main', 'build_parser', 'SUBCOMMANDS', 'BAD_INPUT']
+import timm
 
-# Errors that mean the input was wrong: reported in one line with exit status 2.
-BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-             PermissionError)
+from timm_sila_cli import BAD_INPUT, build_parser, main
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message (exit status 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+__all__ = ['main', 'build_parser', 'BAD_INPUT', 'run_strip', 'run_info', 'format_info', 'check_model_name',
+           'print_json']
 
 
-def _debug_option(parser: argparse.ArgumentParser, default: Any = False) -> None:
-    parser.add_argument('--debug', action='store_true', default=default,
-                        help='show the full traceback on errors')
-
-
-def _sila_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--num-classes', type=int, default=None, help='number of classes N')
-    parser.add_argument('--img-size', type=int, default=None,
-                        help='input size (model kwarg for architectures that take one, e.g. ViT; input_size in '
-                             'the exported config)')
-    parser.add_argument('--sets', type=int, default=None, help='number of output sets M (sila_sets)')
-    parser.add_argument('--taps', default=None,
-                        help='comma-separated tap stages, set 1 first (module names or feature_info indices)')
-    parser.add_argument('--head', default=None, help='auxiliary head type (sila_head)')
-    parser.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                        help='extra create_model kwargs, values parsed as JSON when possible')
-
-
-def _parse_taps(text: Optional[str]) -> Optional[List]:
-    if text is None:
-        return None
-    return [int(t) if t.strip().lstrip('-').isdigit() else t.strip() for t in text.split(',') if t.strip()]
-
-
-def _parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise ValueError(f'--model-kwargs expects KEY=VALUE items, got {item!r}.')
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    return kwargs
-
-
-def _print_json(obj: Any) -> None:
+def print_json(obj: Any) -> None:
+    """The command's result: the only text a `--json` run writes to stdout."""
     print(json.dumps(obj, indent=2))
 
 
+def check_model_name(name: str) -> None:
+    """ValueError naming `name` as typed unless timm knows it, or its sila_ form (a pretrained tag is ignored)."""
+    arch = name.split('.', 1)[0]
+    if timm.is_model(arch) or timm.is_model(f'sila_{arch}'):
+        return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+    hint = f'did you mean {", ".join(close)}? ' if close else ''
+    raise ValueError(f'unknown model {name!r}: {hint}see timm.list_models() for the names timm knows.')
+
+
 # --- strip --------------------------------------------------------------------------------------------------
-def add_strip_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        'strip', help='keep one branch of a trained SilaNet, written as timm model.safetensors + config.json',
-        description='Keep one output set of a trained SilaNet (paper Sec 2.3) and write it in timm\'s hub format. '
-                    'Branch 0 loads with plain timm; branch k >= 1 after `import timm_sila`.')
-    p.add_argument('checkpoint', help='timm train.py checkpoint (.pth.tar), state_dict (.pth) or .safetensors')
-    p.add_argument('--branch', type=int, required=True, help='set to keep: 0 = base model, k >= 1 = head k')
-    p.add_argument('--out', required=True, help='output folder')
-    p.add_argument('--model', default=None, help='SilaNet name (e.g. sila_resnet18) when the file does not say')
-    _sila_options(p)
-    p.add_argument('--ema', action='store_true', help='export the EMA weights (state_dict_ema)')
-    p.add_argument('--force', action='store_true', help='replace the files of an existing non-empty --out')
-    p.add_argument('--json', action='store_true', help='print machine-readable JSON')
-    _debug_option(p, default=argparse.SUPPRESS)
-    p.set_defaults(handler=run_strip)
-    return p
-
-
 def run_strip(args: argparse.Namespace) -> int:
-    from .shipping import CONFIG_NAME, WEIGHTS_NAME, strip
     from safetensors import safe_open
-    out = strip(args.checkpoint, branch=args.branch, out_dir=args.out, ema=args.ema, overwrite=args.force,
-                model=args.model, num_classes=args.num_classes, sets=args.sets, taps=_parse_taps(args.taps),
-                head=args.head, img_size=args.img_size, **_parse_kwargs(args.model_kwargs))
+
+    from .atomic import OutputExistsError
+    from .shipping import CONFIG_NAME, WEIGHTS_NAME, strip
+    if args.model is not None:
+        check_model_name(args.model)
+    try:
+        out = strip(args.checkpoint, branch=args.branch, out_dir=args.out, ema=args.ema, overwrite=args.force,
+                    model=args.model, num_classes=args.num_classes, sets=args.sets, taps=args.taps,
+                    head=args.head, img_size=args.img_size, metrics=args.metrics, card=args.card,
+                    **args.model_kwargs)
+    except OutputExistsError as e:  # the API's message names overwrite=True; the CLI's flag is --force
+        raise FileExistsError(e.message('--force')) from e
     config = json.loads((out / CONFIG_NAME).read_text())
     with safe_open(str(out / WEIGHTS_NAME), framework='pt') as f:
         params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
@@ -97,7 +55,7 @@ def run_strip(args: argparse.Namespace) -> int:
                   num_classes=config['num_classes'], stored_values=params,
                   files={name: (out / name).stat().st_size for name in (WEIGHTS_NAME, CONFIG_NAME)})
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         size = result['files'][WEIGHTS_NAME]
         loader = ("timm.create_model('local-dir:{0}', pretrained=True)" if args.branch == 0 else
@@ -109,19 +67,6 @@ def run_strip(args: argparse.Namespace) -> int:
 
 
 # --- info ---------------------------------------------------------------------------------------------------
-def add_info_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        'info', help='taps, params, size and compression ratio of every branch (paper Table 3)',
-        description='Per branch: parameter count, fp32 size in MB (1 MB = 2^20 bytes) and compression ratio '
-                    'CR = 1 - params(branch)/params(base); plus the train-time size of the whole SilaNet.')
-    p.add_argument('model', help='sila_<arch> or <arch>, e.g. sila_resnet18')
-    _sila_options(p)
-    p.add_argument('--json', action='store_true', help='print machine-readable JSON')
-    _debug_option(p, default=argparse.SUPPRESS)
-    p.set_defaults(handler=run_info)
-    return p
-
-
 def format_info(info: Dict[str, Any]) -> str:
     lines = [f'{info["model"]}  num_classes={info["num_classes"]}  img_size={info["img_size"]}  '
              f'sets={info["sets"]}  head={info["head"]}',
@@ -140,50 +85,17 @@ def run_info(args: argparse.Namespace) -> int:
     from .shipping import model_info
     if args.num_classes is None:
         raise ValueError('info needs --num-classes N.')
-    info = model_info(args.model, num_classes=args.num_classes, img_size=args.img_size, sets=args.sets,
-                      taps=_parse_taps(args.taps), head=args.head, **_parse_kwargs(args.model_kwargs))
+    check_model_name(args.model)
+    try:
+        info = model_info(args.model, num_classes=args.num_classes, img_size=args.img_size, sets=args.sets,
+                          taps=args.taps, head=args.head, **args.model_kwargs)
+    except TypeError as e:  # timm's model class refused a --model-kwargs key
+        raise ValueError(f'cannot build {args.model} with --model-kwargs {args.model_kwargs}: {e}') from e
     if args.json:
-        _print_json(info)
+        print_json(info)
     else:
         print(format_info(info))
     return 0
-
-
-# --- entry point --------------------------------------------------------------------------------------------
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    from .evaluation import add_eval_parser as add
-    return add(subparsers)
-
-
-def add_exit_curve_parser(subparsers) -> argparse.ArgumentParser:
-    from .exit_curve import add_exit_curve_parser as add
-    return add(subparsers)
-
-
-SUBCOMMANDS: List[Callable] = [add_strip_parser, add_info_parser, add_eval_parser, add_exit_curve_parser]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog='timm-sila', description='SilaNet tools for timm models.')
-    _debug_option(parser)
-    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
-    for add in SUBCOMMANDS:
-        add(subparsers)
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        import timm_sila  # noqa: F401  registers sila_* names
-        return args.handler(args)
-    except BAD_INPUT as e:
-        if getattr(args, 'debug', False):
-            raise
-        message = ' '.join(str(e).split()) or type(e).__name__
-        print(f'timm-sila {args.command}: error: {message}', file=sys.stderr)
-        return 2
 
 
 if __name__ == '__main__':

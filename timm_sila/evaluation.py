@@ -1,9 +1,8 @@
 """Per-branch evaluation (paper Tables 2-3): top-1..5, loss, branch ensemble, params / MB / CR, in one pass.
 
-Python: `evaluate(model, loader) -> dict`. CLI: `timm-sila eval` (`add_eval_parser` / `run_eval`).
+Python: `evaluate(model, loader) -> dict`. CLI: `timm-sila eval` (`run_eval`; its parser is in timm_sila_cli).
 """
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -15,7 +14,7 @@ import timm
 
 from .model import SilaNet
 
-__all__ = ['evaluate', 'branch_sizes', 'format_eval', 'add_eval_parser', 'run_eval']
+__all__ = ['evaluate', 'branch_sizes', 'format_eval', 'resolve_device', 'run_eval']
 
 MB = 2 ** 20  # bytes, as in `timm-sila info` and the paper's Table 3
 
@@ -175,102 +174,112 @@ def format_eval(result: Dict[str, Any]) -> str:
     return '\n'.join(out)
 
 
-# --- CLI: timm-sila eval --------------------------------------------------------------------------------------
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        'eval', help='per-branch top-1..5, loss, ensemble and params/MB/CR on an ImageFolder split',
-        description='Evaluate every branch of a trained SilaNet (or a stripped branch folder / plain timm model) '
-                    'on an ImageFolder split in one pass.')
-    p.add_argument('--model', required=True,
-                   help='sila_<arch> (with --checkpoint), a plain timm arch (with --checkpoint), or '
-                        'local-dir:DIR for a folder written by `timm-sila strip`')
-    p.add_argument('--checkpoint', default=None, help='checkpoint file (timm train.py .pth.tar, .pth, .safetensors)')
-    p.add_argument('--data-dir', required=True, help='ImageFolder root (with the split as a sub-folder)')
-    p.add_argument('--split', default='test', help='sub-folder of --data-dir to evaluate (default: test)')
-    p.add_argument('--num-classes', type=int, default=None, help='number of classes (default: from checkpoint)')
-    p.add_argument('--img-size', type=int, default=None, help='input size (default: from checkpoint / config)')
-    p.add_argument('--batch-size', type=int, default=256)
-    p.add_argument('--workers', type=int, default=2, help='data loader worker processes')
-    p.add_argument('--ema', action='store_true', help="evaluate the checkpoint's EMA weights")
-    p.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
-    p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    p.add_argument('--json', action='store_true', help='print the result as JSON')
-    p.add_argument('--debug', action='store_true', default=argparse.SUPPRESS, help='full traceback on errors')
-    p.set_defaults(handler=run_eval)
-    return p
+# --- CLI: timm-sila eval (parser: timm_sila_cli) ------------------------------------------------------------
+def resolve_device(name: Optional[str]) -> torch.device:
+    """The torch device for CLI --device (default: cuda when available, else cpu); ValueError, naming it, when
+    torch does not know it or this machine does not have it."""
+    if name is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+        if device.type == 'meta':
+            raise ValueError('it holds no data')
+        torch.empty(1, device=device)
+    except Exception as e:  # torch raises RuntimeError / AssertionError / ValueError, depending on the build
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f'--device {name!r} cannot be used here ({reason}); pass e.g. --device cpu or '
+                         f'--device cuda:0.') from None
+    return device
+
+
+def _load_stripped_folder(args: argparse.Namespace) -> nn.Module:
+    """--model local-dir:DIR, a folder written by `timm-sila strip`."""
+    from .shipping import load_stripped
+    name = args.model
+    if args.checkpoint:
+        raise ValueError(f'--checkpoint does not apply to {name}: the folder holds its own weights.')
+    if args.ema:
+        raise ValueError('--ema does not apply to a stripped folder (it holds one set of weights).')
+    if args.num_classes is not None:
+        raise ValueError('--num-classes does not apply to a stripped folder: its config.json says.')
+    return load_stripped(name[len('local-dir:'):])  # reads config.json as a stranger's file, names it on errors
 
 
 def _load_model(args: argparse.Namespace):
-    """(model, data_config overrides) for the CLI arguments."""
+    """(model, checked data-config args from the checkpoint) for the CLI arguments."""
     from .checkpoint import read_checkpoint, load_silanet, create_with_img_size
+    from .cli import check_model_name
+    from .config import sanitize_file_data_config
     name = args.model
-    if name.startswith('local-dir:') or name.startswith('hf-hub:'):
-        if args.checkpoint:
-            raise ValueError(f'--checkpoint does not apply to {name}: the folder holds its own weights.')
-        if args.ema:
-            raise ValueError('--ema does not apply to a stripped folder (it holds one set of weights).')
-        if name.startswith('local-dir:'):
-            folder = Path(name[len('local-dir:'):])
-            if not (folder / 'config.json').is_file():
-                raise FileNotFoundError(f'{folder} has no config.json; pass a folder written by `timm-sila strip`.')
-        kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
-        return timm.create_model(name, pretrained=True, **kwargs).eval(), {}
+    if name.startswith('local-dir:'):
+        return _load_stripped_folder(args), {}
+    check_model_name(name)
     if not args.checkpoint:
         raise ValueError(f'--model {name} needs --checkpoint CKPT (or use --model local-dir:DIR for a stripped '
                          f'folder).')
     ckpt = read_checkpoint(args.checkpoint)
+    data_args = sanitize_file_data_config(ckpt.data_config, source=args.checkpoint)
     is_sila = name.split('.', 1)[0].startswith('sila_') or (
         any(k.startswith('heads.') for k in ckpt.state_dict) and any(k.startswith('base.') for k in ckpt.state_dict))
     if is_sila:
         model = load_silanet(ckpt, model=name, num_classes=args.num_classes, ema=args.ema, img_size=args.img_size)
-        return model, dict(ckpt.data_config)
+        return model, data_args
     state_dict = ckpt.state_dict_ema if args.ema else ckpt.state_dict
     if state_dict is None:
         raise ValueError(f'--ema was asked, but {args.checkpoint} has no state_dict_ema.')
     kwargs = dict(ckpt.model_kwargs)
     if args.num_classes is not None:
         kwargs['num_classes'] = args.num_classes
-    model = create_with_img_size(name.split('.', 1)[0], args.img_size, **kwargs)
+    try:
+        model = create_with_img_size(name.split('.', 1)[0], args.img_size, **kwargs)
+    except TypeError as e:
+        raise ValueError(f'cannot build {name} with the arguments in {args.checkpoint} ({kwargs}): {e}') from e
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ValueError(f'{args.checkpoint} does not match {name}({kwargs}): missing {list(missing)[:3]}, '
                          f'unexpected {list(unexpected)[:3]}; pass the right --model / --num-classes.')
-    return model.eval(), dict(ckpt.data_config)
+    return model.eval(), data_args
 
 
-def _data_config(model: nn.Module, overrides: Dict[str, Any], img_size: Optional[int]) -> Dict[str, Any]:
+def _data_config(model: nn.Module, data_args: Dict[str, Any], img_size: Optional[int]) -> Dict[str, Any]:
+    """The eval data config, resolved from the checkpoint's (checked) train.py data args exactly as train.py
+    resolves its validation transform: `timm.data.resolve_data_config(args, model=model)`, where an empty or None
+    value (train.py's defaults: interpolation='', mean=None, ...) means the model's own. `img_size` (CLI
+    --img-size) replaces a stored input size."""
     from timm.data import resolve_data_config
-    cfg = resolve_data_config({}, model=model)
-    for key in ('mean', 'std', 'crop_pct', 'crop_mode', 'interpolation'):
-        if overrides.get(key) is not None:
-            cfg[key] = tuple(overrides[key]) if key in ('mean', 'std') else overrides[key]
-    size = img_size or overrides.get('img_size')
-    if overrides.get('input_size') is not None and not img_size:
-        cfg['input_size'] = tuple(overrides['input_size'])
-    elif size:
-        cfg['input_size'] = (cfg['input_size'][0], int(size), int(size))
-    return cfg
+    args = dict(data_args)
+    if img_size is not None:
+        args.update(input_size=None, img_size=int(img_size))
+    elif isinstance(args.get('img_size'), (list, tuple)):  # (H, W): timm reads only an int img_size
+        args['input_size'] = args.get('input_size') or (args.get('in_chans', 3), *args['img_size'])
+    try:
+        return resolve_data_config(args, model=model)
+    except AssertionError:  # timm asserts that mean / std have one value or one per input channel
+        raise ValueError(f'the data config {args} is inconsistent: mean and std need one value or one per input '
+                         f'channel.') from None
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """`timm-sila eval`: prints the per-branch table (or JSON); returns the exit status."""
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
+    from .cli import print_json
     root = Path(args.data_dir) / args.split
     if not root.is_dir():
         raise FileNotFoundError(f'{root} does not exist: --data-dir must hold the split folder {args.split!r} '
                                 f'(ImageFolder layout DIR/{args.split}/<class>/<image>).')
-    if args.batch_size < 1:
-        raise ValueError(f'--batch-size must be >= 1, got {args.batch_size}.')
-    model, overrides = _load_model(args)
-    cfg = _data_config(model, overrides, args.img_size)
+    device = resolve_device(args.device)
+    model, data_args = _load_model(args)
+    cfg = _data_config(model, data_args, args.img_size)
     transform = create_transform(**cfg, is_training=False)
-    dataset = ImageFolder(str(root), transform=transform)
+    try:
+        dataset = ImageFolder(str(root), transform=transform)
+    except FileNotFoundError as e:  # torchvision: no class folder / no image file
+        raise FileNotFoundError(f'{root}: {e}') from e
     num_classes = getattr(model, 'num_classes', None)
     if num_classes is not None and len(dataset.classes) > num_classes:
         raise ValueError(f'{root} has {len(dataset.classes)} classes but the model predicts {num_classes}; '
                          f'evaluate on the data set it was trained on.')
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model.to(device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, pin_memory=device.type == 'cuda')
@@ -280,7 +289,7 @@ def run_eval(args: argparse.Namespace) -> int:
                   data_dir=str(args.data_dir), data_config={k: list(v) if isinstance(v, tuple) else v
                                                             for k, v in cfg.items()})
     if args.json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
     else:
         print(f"{args.model}{' (EMA)' if args.ema else ''} on {root}  input {tuple(cfg['input_size'])}")
         print(format_eval(result))
