@@ -140,6 +140,8 @@ def strip(
         taps: Optional[Sequence[Union[int, str]]] = None,
         head: Optional[str] = None,
         img_size: Optional[int] = None,
+        metrics: Union[str, Path, Dict[str, Any], None] = None,
+        card: bool = True,
         **model_kwargs,
 ) -> Path:
     """Write branch `branch` of a SilaNet (instance or checkpoint file) to `out_dir`; returns out_dir.
@@ -148,7 +150,8 @@ def strip(
     plain timm (`timm.create_model('local-dir:<out_dir>', pretrained=True)`), branch k >= 1 after
     `import timm_sila` (or with `load_stripped`). For files that do not record their model, pass
     `model`/`num_classes`/`sets`/`taps`/`head`/model kwargs; `img_size` sets the config's input size (and is a
-    model kwarg for architectures that take one). `ema=True` exports the checkpoint's EMA weights.
+    model kwarg for architectures that take one). `ema=True` exports the checkpoint's EMA weights. With `card`,
+    a hub model card `README.md` is written too (with the branch's metrics from a `timm-sila eval --json` result).
     """
     if out_dir is None:
         raise ValueError('strip() needs out_dir, the folder to write model.safetensors and config.json into.')
@@ -178,6 +181,10 @@ def strip(
     model_args['num_classes'] = net.num_classes
     with atomic_output_dir(out_dir, overwrite, sources, _EXPORT_FILES, commit_last=CONFIG_NAME) as folder:
         _write_export(exported, folder, model_args, _data_config(net, data_config, img_size))
+        if card:
+            from .model_card import CARD_NAME, model_card  # the card module reads exports: imported here, not above
+            text = model_card(folder, metrics, model=exported, name=out_dir.name)
+            (folder / CARD_NAME).write_text(text, encoding='utf-8')
     return out_dir
 
 
