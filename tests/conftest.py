@@ -40,6 +40,29 @@ def vanilla_like(arch: str, sila_model, num_classes: int = 10):
     return model
 
 
+def randomize_bn(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial BN statistics and affine params, as after training, so a dropped or wrong buffer shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.2, generator=g)
+    return net
+
+
+def branch_logits(net, x: torch.Tensor, branch: int) -> torch.Tensor:
+    """A SilaNet's eval logits with `branch` selected (the branch it had is restored)."""
+    old, net.branch = net.branch, branch
+    try:
+        with torch.no_grad():
+            return net.eval()(x)
+    finally:
+        net.branch = old
+
+
 @pytest.fixture
 def tmp_out(tmp_path):
     return tmp_path / 'out'

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import timm
 
+from conftest import branch_logits, randomize_bn
 from timm_sila import strip
 from timm_sila.export import (
     DEFAULT_RTOL, ExportParityError, MissingExtraError, export, export_check, format_export)
@@ -17,28 +18,6 @@ ort = pytest.importorskip('onnxruntime', reason='ONNX export tests need pip inst
 
 # fp32 rounding only: relative to max(1, |logit|), ONNX Runtime differs from PyTorch by <= 1.2e-6 on these models
 MEASURED_BOUND = 1e-5
-
-
-def _randomize(net: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial BN statistics and affine params, as after training, so a dropped or wrong buffer shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.2, generator=g)
-    return net
-
-
-def branch_logits(net, x, branch):
-    old, net.branch = net.branch, branch
-    try:
-        with torch.no_grad():
-            return net.eval()(x)
-    finally:
-        net.branch = old
 
 
 def ort_run(path, x):
@@ -54,7 +33,7 @@ def rel_diff(got, want):
 def sila_r18(tmp_path_factory):
     """A sila_resnet18 with trained-like BN, its state_dict file, and a batch of 3 (neither export batch size)."""
     torch.manual_seed(0)
-    net = _randomize(timm.create_model('sila_resnet18', num_classes=10), seed=1).eval()
+    net = randomize_bn(timm.create_model('sila_resnet18', num_classes=10), seed=1).eval()
     ckpt = tmp_path_factory.mktemp('ckpt') / 'sila_r18.pth'
     torch.save(net.state_dict(), ckpt)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))

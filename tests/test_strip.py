@@ -3,7 +3,6 @@ import argparse
 import copy
 import importlib
 import json
-import os
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ import timm
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import branch_logits, randomize_bn
 from timm_sila import CheckpointError, SilaNet, load_stripped, strip
 
 strip_module = importlib.import_module('timm_sila.shipping')
@@ -23,35 +23,12 @@ TAPS = ['layer3', 'layer1']  # the paper's rule for resnet18 with 3 sets (set 1 
 KEPT = {1: ('conv1', 'bn1', 'layer1', 'layer2', 'layer3'), 2: ('conv1', 'bn1', 'layer1')}
 
 
-def _randomize(net: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial BN statistics and affine params, as after training, so a wrong buffer would show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.2, generator=g)
-    return net
-
-
 @pytest.fixture(scope='module')
 def trained():
     torch.manual_seed(0)
-    net = _randomize(timm.create_model('sila_resnet18', num_classes=10), seed=1).eval()
+    net = randomize_bn(timm.create_model('sila_resnet18', num_classes=10), seed=1).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     return net, x
-
-
-def branch_logits(net: SilaNet, x: torch.Tensor, branch: int) -> torch.Tensor:
-    """The SilaNet's eval logits with `branch` selected."""
-    old, net.branch = net.branch, branch
-    try:
-        with torch.no_grad():
-            return net.eval()(x)
-    finally:
-        net.branch = old
 
 
 def eval_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +81,7 @@ print(json.dumps(dict(equal=equal, cls=type(a).__name__,
 def test_branch0_loads_bitwise_equal_in_plain_timm(trained, tmp_path):
     net, x = trained
     out = strip(net, branch=0, out_dir=tmp_path / 'b0')
-    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['architecture'] == 'resnet18' and cfg['num_classes'] == 10
     assert cfg['model_args']['num_classes'] == 10
@@ -353,5 +330,5 @@ def test_killed_writer_leaves_no_model_files(trained, tmp_path):
     assert run.returncode == -9, run.stderr
     assert not (out / 'model.safetensors').exists() and not (out / 'config.json').exists()
     strip(net, 0, out)  # leftovers of the killed writer neither block nor survive a new export
-    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     assert torch.equal(eval_logits(load_stripped(out), x), branch_logits(net, x, 0))

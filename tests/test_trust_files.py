@@ -27,7 +27,7 @@ from timm_sila.checkpoint import load_silanet, read_checkpoint
 from timm_sila.config import SilaConfig, UnsafeFileError, sanitize_file_model_kwargs
 
 ARCH = 'sila_test_resnet'  # timm's 0.4M-parameter test ResNet: taps layer3, layer1
-EXPORT = ['config.json', 'model.safetensors']
+EXPORT = ['README.md', 'config.json', 'model.safetensors']
 
 
 # --- fixtures -------------------------------------------------------------------------------------------------

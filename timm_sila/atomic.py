@@ -283,6 +283,18 @@ def _check_contents(out_dir: Path, overwrite: bool, what: str) -> None:
                                          f'replace its {what}.')
 
 
+def _lock_or_refuse(out_dir: Path, create: bool = False) -> int:
+    """`_lock(out_dir)` (creating the folder first with `create`); an OS failure becomes one OutputWriteError."""
+    try:
+        if create:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        return _lock(out_dir)
+    except OutputError:
+        raise
+    except OSError as e:
+        raise _write_error(e, out_dir, 'nothing was written') from e
+
+
 # --- public API ----------------------------------------------------------------------------------------------
 def check_output_dir(out_dir: PathLike, overwrite: bool = False, sources: Iterable[PathLike] = (),
                      what: str = 'files') -> None:
@@ -291,12 +303,7 @@ def check_output_dir(out_dir: PathLike, overwrite: bool = False, sources: Iterab
     out_dir = Path(out_dir)
     _check_target(out_dir, list(sources))
     if out_dir.is_dir():
-        try:
-            lock = _lock(out_dir)
-        except OutputError:
-            raise
-        except OSError as e:
-            raise _write_error(e, out_dir, 'nothing was written') from e
+        lock = _lock_or_refuse(out_dir)
         try:
             _check_contents(out_dir, overwrite, what)
         finally:
@@ -318,13 +325,7 @@ def atomic_output_dir(out_dir: PathLike, overwrite: bool = False, sources: Itera
     out_dir = Path(out_dir)
     _check_target(out_dir, list(sources))
     created = not os.path.lexists(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = _lock(out_dir)
-    except OutputError:
-        raise
-    except OSError as e:
-        raise _write_error(e, out_dir, 'nothing was written') from e
+    lock = _lock_or_refuse(out_dir, create=True)
     try:
         try:
             _check_contents(out_dir, overwrite or created, what)

@@ -132,6 +132,8 @@ class SilaConfig:
         if not (_SILA_CHECKS['sila_beta'](self.beta) and _SILA_CHECKS['sila_decay'](self.decay)):
             raise ValueError(f'Sila loss needs finite beta >= 0 and decay >= 0 (no NaN or inf), got '
                              f'sila_beta={self.beta!r}, sila_decay={self.decay!r}.')
+        if isinstance(self.taps, (list, tuple)) and len(self.taps) == 1 and self.taps[0] in TAP_RULES:
+            object.__setattr__(self, 'taps', self.taps[0])  # e.g. CLI `--taps stages`
         if self.taps is not None and not (isinstance(self.taps, str) and self.taps in TAP_RULES):
             if not _SILA_CHECKS['sila_taps'](self.taps):
                 raise ValueError(f'sila_taps must be a list of stage names or feature_info indices, got '

@@ -74,34 +74,22 @@ def _path_obj(text: str) -> Path:
     return Path(_path(text))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected an integer >= 1, got {text!r}') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'expected an integer >= 1, got {value}')
-    return value
+def _number(kind: type, minimum: float, what: str):
+    """An argparse type: a finite `kind` (int or float) >= `minimum`, else a usage error saying what was expected."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected {what}, got {text!r}') from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f'expected {what}, got {text!r}')
+        return value
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}') from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {value}')
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a number >= 0, got {text!r}') from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f'expected a finite number >= 0, got {text!r}')
-    return value
+_positive_int = _number(int, 1, 'an integer >= 1')
+_non_negative_int = _number(int, 0, 'an integer >= 0')
+_non_negative_float = _number(float, 0.0, 'a finite number >= 0')
 
 
 def _taps(text: str) -> List:
