@@ -5,8 +5,8 @@ as the training run); the test split is only measured. Prints the exit curve and
 loses at most --max-drop accuracy points on the calibration data, with its measured throughput ratio
 EarlyExit / base model at the given batch size.
 
-    python examples/train_cifar.py --model sila_resnet18 --epochs 4 --val-fraction 0.1 --out runs/ee
-    python benchmarks/early_exit_cifar10.py --checkpoint runs/ee/sila_checkpoint.pth.tar --val-fraction 0.1
+    python benchmarks/reproduce_cifar10.py --protocol small --out runs/small      # trains with --val-fraction 0.1
+    python benchmarks/early_exit_cifar10.py --checkpoint runs/small/seed0/sila_checkpoint.pth.tar --val-fraction 0.1
 """
 import argparse
 import json
@@ -58,7 +58,7 @@ def main(argv=None):
           f'{torch.get_num_threads()} threads', flush=True)
 
     result = exit_curve(model, calib, test, policy=args.policy, points=args.points, max_drop=args.max_drop,
-                        timed=args.timed, repeats=args.repeats)
+                        timed=args.timed, repeats=args.repeats, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / 'exit_curve.json').write_text(json.dumps(result, indent=2))
     png = plot_curve(result, args.out / 'exit_curve.png')
