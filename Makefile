@@ -16,9 +16,9 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
-# base vs Sila on CIFAR-10 (../shared/data/cifar10): GPU protocol when CUDA is present, else the CPU one
+# base vs Sila on CIFAR-10 (../shared/data/cifar10): the converged test_resnet protocol, 5 seeds (resumable)
 reproduce: $(VENV)/.installed
-	$(PY) benchmarks/reproduce_cifar10.py --out output/reproduce_cifar10
+	$(PY) benchmarks/reproduce_cifar10.py --protocol small --out output/reproduce_small
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)

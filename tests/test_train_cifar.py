@@ -84,7 +84,7 @@ def test_end_to_end_one_epoch(tmp_path):
     ckpt = read_checkpoint(out / 'sila_checkpoint.pth.tar')
     assert ckpt.model_name == 'sila_resnet18' and ckpt.model_kwargs['num_classes'] == 3
     assert ckpt.model_kwargs['sila_taps'] == ['layer3', 'layer1'] and ckpt.model_kwargs['sila_beta'] == 0.1
-    assert ckpt.data_config['input_size'] == [3, 32, 32] and len(ckpt.data_config['mean']) == 3
+    assert tuple(ckpt.data_config['input_size']) == (3, 32, 32) and len(ckpt.data_config['mean']) == 3
     net = load_silanet(ckpt)
     raw = torch.load(out / 'sila_checkpoint.pth.tar', weights_only=True)
     assert raw['arch'] == 'sila_resnet18' and raw['epoch'] == 1

@@ -86,14 +86,18 @@ def sila_log_probs(logits: torch.Tensor, num_classes: int, beta: float = 0.1, de
 
     out[b, c] = Σ_j w_j · log softmax(logits[b])[c + j·N] with w = sila_set_weights(M, β, λ), computed with a
     single log-softmax over all M·N columns. Any loss of the form -Σ_c q_c · out[b, c] is the Sila loss for
-    the (soft or one-hot) target distribution q.
+    the (soft or one-hot) target distribution q. float16/bfloat16 logits are folded in float32 (as autocast
+    runs softmax-based losses), so the loss does not depend on the path that reaches it.
     """
     if logits.ndim != 2:
         raise ValueError(f'Sila logits must be 2-D (batch, M·N), got shape {tuple(logits.shape)}.')
     sets = _num_sets(logits.shape[1], num_classes)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     log_p = F.log_softmax(logits, dim=-1)
     weights = torch.tensor(sila_set_weights(sets, beta, decay), dtype=log_p.dtype, device=log_p.device)
-    return torch.einsum('bmn,m->bn', log_p.unflatten(1, (sets, num_classes)), weights)
+    # a weighted sum, not einsum: autocast would run einsum's matmul in bfloat16
+    return (log_p.unflatten(1, (sets, num_classes)) * weights.view(1, sets, 1)).sum(1)
 
 
 def _check_target(target: torch.Tensor, batch: int, num_classes: int, ignore_index: int) -> None:
