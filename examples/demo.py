@@ -43,7 +43,7 @@ def digits_uint8(size: int = 16, seed: int = 0):
 
 
 # A short recipe that still trains every branch well past chance on digits: many small steps, gentle lr decay.
-EPOCHS, BATCH_SIZE, LR, GAMMA, DIGITS_SIZE = 3, 32, 0.05, 0.7, 16
+EPOCHS, BATCH_SIZE, LR, GAMMA, DIGITS_SIZE = 6, 32, 0.05, 0.7, 16
 
 
 def main():
