@@ -121,3 +121,29 @@ def test_demo_writes_under_ignored_output_and_refuses_a_foreign_folder(tmp_path)
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and 'holds no demo output' in run.stderr
     assert [p.name for p in mine.iterdir()] == ['notes.txt']
+
+
+def test_resumed_run_continues_bit_for_bit(tmp_path):
+    """--state: 1 epoch, then the same run extended to 2 (paper schedule) == 2 epochs in one go; a state of other
+    settings is refused."""
+    common = ['--model', 'sila_test_resnet', '--also-base', '--recipe', 'paper', '--batch-size', '32', '--lr', '0.05',
+              '--no-strip', '--no-progress', '--threads', '1']
+    data = _tiny_data()
+    straight = train_cifar.main(common + ['--epochs', '2', '--out', str(tmp_path / 'a')], data=data)
+    state = tmp_path / 'state.pt'
+    train_cifar.main(common + ['--epochs', '1', '--out', str(tmp_path / 'b'), '--state', str(state)], data=data)
+    assert torch.load(state, weights_only=True)['epoch'] == 1
+    resumed = train_cifar.main(common + ['--epochs', '2', '--out', str(tmp_path / 'b'), '--state', str(state)],
+                               data=data)
+    for run in ('sila', 'base'):
+        a, b = straight['runs'][run], resumed['runs'][run]
+        assert [br['top1'] for br in a['branches']] == [br['top1'] for br in b['branches']]
+        assert a['branches'][0]['loss'] == b['branches'][0]['loss']
+        ckpt_a = torch.load(tmp_path / 'a' / f'{run}_checkpoint.pth.tar', weights_only=True)['state_dict']
+        ckpt_b = torch.load(tmp_path / 'b' / f'{run}_checkpoint.pth.tar', weights_only=True)['state_dict']
+        assert ckpt_a.keys() == ckpt_b.keys() and all(torch.equal(ckpt_a[k], ckpt_b[k]) for k in ckpt_a)
+    log = json.loads((tmp_path / 'b' / 'log.json').read_text())
+    assert [r['epoch'] for r in log['epochs'] if r['run'] == 'sila'] == [1, 2]
+    with pytest.raises(SystemExit, match='other settings'):
+        train_cifar.main(common + ['--epochs', '2', '--lr', '0.01', '--out', str(tmp_path / 'c'), '--state',
+                                   str(state)], data=data)
