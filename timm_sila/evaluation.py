@@ -13,21 +13,16 @@ import torch.nn.functional as F
 import timm
 
 from .model import SilaNet
+from .shipping import MB, count_params
 
 __all__ = ['evaluate', 'branch_sizes', 'format_eval', 'resolve_device', 'run_eval']
-
-MB = 2 ** 20  # bytes, as in `timm-sila info` and the paper's Table 3
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _base_params(arch: str, model_args: Dict[str, Any]) -> Optional[int]:
     """Parameter count of the plain base architecture (meta device: no memory, no init cost)."""
     try:
         with torch.device('meta'):
-            return _count(timm.create_model(arch, **model_args))
+            return count_params(timm.create_model(arch, **model_args))
     except Exception:  # an architecture that cannot be built on meta: size unknown rather than wrong
         return None
 
@@ -41,11 +36,11 @@ def branch_sizes(model: nn.Module) -> List[Dict[str, Any]]:
     if isinstance(model, SilaNet):
         base_args = dict(getattr(model.base, '_model_args', None) or {}, num_classes=model.num_classes)
         if model.stripped:
-            params = _count(model)
+            params = count_params(model)
             base = _base_params(model.arch, base_args)
             return [dict(branch=model.branch, exit=model.taps[model.branch - 1], params=params,
                          size_mb=params * 4 / MB, cr=None if base is None else 1.0 - params / base)]
-        base = _count(model.base)
+        base = count_params(model.base)
         rows = [dict(branch=0, exit='classifier', params=base, size_mb=base * 4 / MB, cr=0.0)]
         for k in range(1, model.sets):
             params = None
@@ -54,14 +49,14 @@ def branch_sizes(model: nn.Module) -> List[Dict[str, Any]]:
                 kwargs.update(sila_branch=k, sila_stripped=True)
                 try:
                     with torch.device('meta'):
-                        params = _count(timm.create_model(f'sila_{model.arch}', **kwargs))
+                        params = count_params(timm.create_model(f'sila_{model.arch}', **kwargs))
                 except Exception:
                     params = None
             rows.append(dict(branch=k, exit=model.taps[k - 1], params=params,
                              size_mb=None if params is None else params * 4 / MB,
                              cr=None if params is None else 1.0 - params / base))
         return rows
-    params = _count(model)
+    params = count_params(model)
     return [dict(branch=0, exit='classifier', params=params, size_mb=params * 4 / MB, cr=0.0)]
 
 
