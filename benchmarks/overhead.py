@@ -6,6 +6,7 @@ one training step per configuration in a fresh subprocess. Runs on CUDA automati
 
     python benchmarks/overhead.py            # full table (~5-10 min on 2 CPU cores)
     python benchmarks/overhead.py --quick    # fewer repeats, fast heads only, smoke check
+    python benchmarks/overhead.py --only create_model  # construction time only (~2 min)
     python benchmarks/overhead.py --profile resnet18@224  # torch.profiler table of one Sila and one base step
     python benchmarks/overhead.py --components resnet18@224  # isolated cost of each Sila-only piece
 """
@@ -31,7 +32,10 @@ EVAL_CONFIGS = [
     ('resnet18', 224, 1000, 16),
     ('vit_tiny_patch16_224', 224, 1000, 16),
 ]
-GOALS = {'train': 1.03, 'eval0': 1.01, 'import': 0.2}
+# (arch, classes) of the construction rows: timm.create_model('sila_<arch>') / timm.create_model('<arch>')
+CREATE_CONFIGS = [(arch, classes) for classes in (1000, 10)
+                  for arch in ('resnet50', 'convnext_base', 'vit_base_patch16_224')]
+GOALS = {'train': 1.03, 'eval0': 1.01, 'import': 0.2, 'create': 1.15}
 
 
 def _sync(device):
@@ -90,6 +94,16 @@ def eval_fn(model, x):
         with torch.inference_mode():
             model(x)
     return fwd
+
+
+def create_fn(name, classes):
+    """A function that builds `name` with fresh random weights (what timm.create_model costs without a download)."""
+    import timm
+    import timm_sila  # noqa: F401
+
+    def create():
+        timm.create_model(name, num_classes=classes)
+    return create
 
 
 def alternate(fn_a, fn_b, repeats, warmup, device):
@@ -331,6 +345,19 @@ def main():
             a, b = alternate(eval_fn(sila, x), eval_fn(base, x), repeats, args.warmup, device)
             emit(label, a, b, a / b, 's')
         gc.collect()
+
+    for arch, classes in CREATE_CONFIGS:
+        label = f'create_model sila_{arch} / {arch} N={classes}'
+        if wanted(label):
+            import timm
+            with torch.device('meta'):
+                counts = [sum(p.numel() for p in timm.create_model(n, num_classes=classes).parameters())
+                          for n in (f'sila_{arch}', arch)]
+            label += f' (params {counts[0] / counts[1]:.2f}x)'
+            a, b = alternate(create_fn(f'sila_{arch}', classes), create_fn(arch, classes), repeats, args.warmup,
+                             torch.device('cpu'))
+            emit(label, a, b, a / b, 's', GOALS['create'])
+            gc.collect()
 
     if not args.no_memory:
         method = 'cuda max_memory_allocated' if device.type == 'cuda' else 'peak RSS growth, fresh process'

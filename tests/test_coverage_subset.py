@@ -22,12 +22,14 @@ _spec.loader.exec_module(coverage)
 # (byobnet, nfnet, maxxvit with a fixed input size, relpos ViT) and small real ones (GhostNet; LeViT, distilled
 # with two classifiers and a fixed input size).
 SUBSET = ['test_byobnet', 'test_nfnet', 'test_coatnet', 'test_vit_relpos', 'ghostnet_050', 'levit_128s']
+EXPORTED = ['test_byobnet']  # the sweep's ONNX checks run here too (each export takes seconds)
 
 
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
     work = tmp_path_factory.mktemp('coverage')
-    records = {arch: coverage.check_arch(arch, work / arch, fresh=False) for arch in SUBSET}
+    records = {arch: coverage.check_arch(arch, work / arch, fresh=False, export_checks=arch in EXPORTED)
+               for arch in SUBSET}
     pending = [arch for arch, rec in records.items() if 'fresh_item' in rec]
     verdicts = coverage.verify_fresh([records[arch]['fresh_item'] for arch in pending])
     for arch, verdict in zip(pending, verdicts):
@@ -44,11 +46,17 @@ def test_subset_is_outside_conftest_families():
 @pytest.mark.parametrize('arch', SUBSET)
 def test_arch_passes_every_sweep_check(results, arch):
     rec = results[arch]
-    assert set(rec['checks']) == set(coverage.CHECKS)
+    assert set(rec['checks']) == set(coverage.CHECKS) | (set(coverage.EXPORT_CHECKS) if arch in EXPORTED else set())
     failed = {c: v['reason'] for c, v in rec['checks'].items() if v['status'] != 'pass'}
     assert not failed, f'{arch}: {failed}'
     assert rec['status'] == 'pass'
     assert rec['params_branch1'] < rec['params_base']
+
+
+def test_onnx_checks_record_parity(results):
+    for arch in EXPORTED:
+        diffs = results[arch]['onnx_max_abs_diff']
+        assert set(diffs) == {'0', '1'} and all(0 <= d < 1e-3 for d in diffs.values()), diffs
 
 
 def test_fixed_size_model_is_built_at_a_small_img_size(results):

@@ -1,9 +1,10 @@
 """Stage discovery through timm's feature API and the paper's tap rule (Sec 2.2)."""
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch.func import functional_call
 from timm.models import get_model_input_config
 
 from .config import TAP_RULES
@@ -54,15 +55,98 @@ def probe_input_shape(model: nn.Module) -> Tuple[int, int, int]:
     return int(chans), int(height), int(width)
 
 
+META_PROBE_MACS = 10e9  # above this estimate a real forward (~20 GMAC/s on one CPU core) costs more than the meta one
+
+
+def estimated_macs(model: nn.Module, height: int, width: int) -> float:
+    """Rough multiply-accumulates of one forward: each feature_info stage's parameters times the positions of its
+    output map (exact for convolutions and token-wise linears; stages without a module name count 0)."""
+    total = 0.0
+    for entry in getattr(model, 'feature_info', None) or []:
+        try:
+            module = model.get_submodule(entry.get('module', ''))
+        except AttributeError:
+            continue
+        if module is model:
+            continue
+        positions = height * width / max(int(entry.get('reduction') or 1), 1) ** 2
+        total += sum(p.numel() for p in module.parameters()) * positions
+    return total
+
+
+def _probe_attempts(model: nn.Module) -> List[Tuple[str, Tuple[int, int, int]]]:
+    """(how, (C, H, W)) to try in order; each that runs gives the same stages, the first is the cheapest.
+
+    * 'small': a real forward at the final stage's reduction (its map is 1x1), for models timm says take any
+      input size: tens of times cheaper than the full size;
+    * 'meta': the full input on the meta device (shapes only, no arithmetic), for fixed-size models whose
+      forward would cost more than META_PROBE_MACS (the meta device's own overhead is ~0.2-0.7 s);
+    * 'full': a real forward at the full input.
+    """
+    chans, height, width = probe_input_shape(model)
+    attempts = []
+    if getattr(model, '_traits', None) is not None and not get_model_input_config(model)['fixed_input_size']:
+        side = max(int(model.feature_info[-1].get('reduction') or 0), 32)
+        if side < min(height, width):
+            attempts.append(('small', (chans, side, side)))
+    if estimated_macs(model, height, width) > META_PROBE_MACS:
+        attempts.append(('meta', (chans, height, width)))
+    return attempts + [('full', (chans, height, width))]
+
+
+class _Call(nn.Module):
+    """Runs `fn(model, x)` as a forward, so torch.func.functional_call can swap the model's tensors for meta ones."""
+
+    def __init__(self, model: nn.Module, fn: Callable):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, x):
+        return self.fn(self.model, x)
+
+
+def _run(model: nn.Module, how: str, shape: Tuple[int, int, int], fn: Callable):
+    """fn(model, x) on a batch-1 input of `shape`: real tensors, or the model's tensors replaced by meta ones."""
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    if how != 'meta':
+        device = param.device if param is not None else torch.device('cpu')
+        x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        return fn(model, x)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    meta = {f'model.{name}': torch.empty_like(t, device='meta') for name, t in tensors.items()}
+    x = torch.empty(1, *shape, dtype=dtype, device='meta')
+    return functional_call(_Call(model, fn), meta, (x,), strict=False)
+
+
 @torch.no_grad()
 def probe_stages(model: nn.Module) -> Tuple[List[Stage], int]:
-    """Run one eval forward (batch 1) counting executed conv/linear layers.
+    """Count the conv/linear layers one eval forward (batch 1) executes; the input is the cheapest that runs
+    (`_probe_attempts`).
 
     Returns the stages in feature_info order, each with the depth (weight layers executed when its module
     returns) and the channels of the NCHW map `forward_intermediates` gives for it, and the depth D of the
     whole model including its classifier.
     """
     entries = _feature_entries(model)
+    errors = []
+    for how, shape in _probe_attempts(model):
+        try:
+            return _probe(model, entries, how, shape)
+        except _StageError:
+            raise
+        except Exception as e:  # this input or device does not run: the next attempt is more general
+            errors.append(f'{how} {shape}: {type(e).__name__}: {e}')
+    raise ValueError(f'Cannot run {type(model).__name__}.forward_intermediates to find its stages: '
+                     + '; '.join(errors))
+
+
+class _StageError(ValueError):
+    """The forward ran but its stages cannot serve as taps (a property of the model, not of the probe input)."""
+
+
+def _probe(model: nn.Module, entries: List[dict], how: str, shape: Tuple[int, int, int]) -> Tuple[List[Stage], int]:
     count = [0]
     depths = {}
     counters, stage_hooks = [], []
@@ -86,15 +170,9 @@ def probe_stages(model: nn.Module) -> Tuple[List[Stage], int]:
         for sub in module.modules():
             stage_hooks.append(sub.register_forward_hook(lambda *_, i=i: depths.__setitem__(i, count[0])))
 
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device('cpu')
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    x = torch.randn(1, *probe_input_shape(model), generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        final, intermediates = model.forward_intermediates(x)
-        model.forward_head(final)
+    def measure(m, x):
+        final, intermediates = m.forward_intermediates(x)
+        m.forward_head(final)
         total = count[0]
         for h in stage_hooks:
             h.remove()
@@ -104,29 +182,30 @@ def probe_stages(model: nn.Module) -> Tuple[List[Stage], int]:
             # No module to hook (or it never ran): the depth is what forward_intermediates runs to reach this stage
             # when it stops early.
             count[0] = 0
-            try:
-                model.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
-            except Exception as e:
-                raise ValueError(f"Cannot measure the depth of feature_info stage {i} ({entry['module']!r}): no "
-                                 f"module of {type(model).__name__} runs for it and forward_intermediates("
-                                 f"indices=[{i}], stop_early=True) failed ({e}).") from e
+            m.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
             depths[i] = count[0]
+        return total, [tuple(f.shape) for f in intermediates]
+
+    was_training = model.training
+    model.eval()
+    try:
+        total, shapes = _run(model, how, shape, measure)
     finally:
         model.train(was_training)
         for h in counters + stage_hooks:
             h.remove()
 
-    if len(intermediates) != len(entries):
-        raise ValueError(
-            f'{type(model).__name__}.forward_intermediates() returned {len(intermediates)} features but its '
+    if len(shapes) != len(entries):
+        raise _StageError(
+            f'{type(model).__name__}.forward_intermediates() returned {len(shapes)} features but its '
             f'feature_info lists {len(entries)} stages; cannot map taps to features.')
     stages = []
-    for i, (entry, feat) in enumerate(zip(entries, intermediates)):
-        if feat.ndim != 4:
-            raise ValueError(f"Stage {i} ({entry['module']}) gives a {feat.ndim}-D feature, not an NCHW map.")
+    for i, (entry, feat) in enumerate(zip(entries, shapes)):
+        if len(feat) != 4:
+            raise _StageError(f"Stage {i} ({entry['module']}) gives a {len(feat)}-D feature, not an NCHW map.")
         if i not in depths:
-            raise ValueError(f"Stage {i} ({entry['module']}) never ran in {type(model).__name__}'s forward.")
-        stages.append(Stage(i, entry['module'], int(feat.shape[1]), depths[i]))
+            raise _StageError(f"Stage {i} ({entry['module']}) never ran in {type(model).__name__}'s forward.")
+        stages.append(Stage(i, entry['module'], int(feat[1]), depths[i]))
     return stages, total
 
 
