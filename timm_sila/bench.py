@@ -22,7 +22,8 @@ import timm
 from .checkpoint import create_with_img_size
 from .export import _data_config, export, load_branch, load_checkpoint, require_onnx
 from .model import SilaNet
-from .shipping import MB, count_params, export_model
+from .shipping import export_model
+from .sizes import count_params, size_row
 
 __all__ = ['bench_branches', 'format_bench', 'read_metrics', 'RUNTIMES']
 
@@ -179,8 +180,7 @@ def bench_branches(
     results = []
     for row in rows:
         params = count_params(row['model'])
-        entry = dict(branch=row['branch'], exit=row['exit'], weights=row['weights'], params=params,
-                     size_mb=params * 4 / MB, cr=1.0 - params / base_params)
+        entry = dict(size_row(row['branch'], row['exit'], params, base_params), weights=row['weights'])
         if row['branch'] in accuracy and row['weights'] != 'random':
             got = accuracy[row['branch']]
             if 'params' in got and got['params'] != params:

@@ -45,15 +45,15 @@ class Checkpoint:
 
 
 def create_with_img_size(name: str, img_size: Optional[int] = None, **kwargs) -> nn.Module:
-    """timm.create_model, passing img_size only to architectures that take it (ViT-like); CNNs ignore it."""
-    if img_size is None:
+    """timm.create_model at input size `img_size`: passed as img_size= to models with a fixed input size (timm's
+    pretrained cfg `fixed_input_size`, e.g. ViTs); other models run at any size and are built as they are."""
+    if img_size is None or not timm.models.get_pretrained_cfg_value(name, 'fixed_input_size'):
         return timm.create_model(name, **kwargs)
     try:
         return timm.create_model(name, img_size=img_size, **kwargs)
     except TypeError as e:
-        if 'img_size' not in str(e):
-            raise
-        return timm.create_model(name, **kwargs)
+        raise ValueError(f'{name} has a fixed input size and no img_size argument, so it cannot be built for '
+                         f'{img_size}x{img_size}; leave the image size at its default.') from e
 
 
 def _first_line(err: BaseException) -> str:

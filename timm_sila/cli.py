@@ -73,6 +73,10 @@ def format_info(info: Dict[str, Any]) -> str:
              'taps: ' + ', '.join(f'set {k}={t}' for k, t in enumerate(info['taps'], start=1)),
              f'{"branch":>6}  {"exit":<16}{"params":>14}  {"size (MB)":>10}  {"CR":>8}']
     for row in info['branches']:
+        if row['params'] is None:
+            lines.append(f'{row["branch"]:>6}  {row["exit"]:<16}  cannot be compressed: timm gives '
+                         f'{info["arch"]} no prune_intermediate_layers')
+            continue
         lines.append(f'{row["branch"]:>6}  {row["exit"]:<16}{row["params"]:>14,}  {row["size_mb"]:>10.2f}  '
                      f'{row["cr"] * 100:>7.2f}%')
     train = info['train']
@@ -82,7 +86,7 @@ def format_info(info: Dict[str, Any]) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from .shipping import model_info
+    from .sizes import model_info
     if args.num_classes is None:
         raise ValueError('info needs --num-classes N.')
     check_model_name(args.model)

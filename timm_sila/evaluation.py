@@ -4,60 +4,16 @@ Python: `evaluate(model, loader) -> dict`. CLI: `timm-sila eval` (`run_eval`; it
 """
 import argparse
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import timm
-
 from .model import SilaNet
-from .shipping import MB, count_params
+from .sizes import branch_sizes
 
-__all__ = ['evaluate', 'branch_sizes', 'format_eval', 'resolve_device', 'run_eval']
-
-
-def _base_params(arch: str, model_args: Dict[str, Any]) -> Optional[int]:
-    """Parameter count of the plain base architecture (meta device: no memory, no init cost)."""
-    try:
-        with torch.device('meta'):
-            return count_params(timm.create_model(arch, **model_args))
-    except Exception:  # an architecture that cannot be built on meta: size unknown rather than wrong
-        return None
-
-
-def branch_sizes(model: nn.Module) -> List[Dict[str, Any]]:
-    """params, size_mb (fp32) and cr = 1 - params(branch) / params(base) for each branch `model` answers.
-
-    SilaNet: one row per set; set k >= 1 counts the backbone prefix up to tap k + head k (what `strip` keeps).
-    Stripped SilaNet: its one branch. Any other model: one row, the model itself as branch 0 (cr 0).
-    """
-    if isinstance(model, SilaNet):
-        base_args = dict(getattr(model.base, '_model_args', None) or {}, num_classes=model.num_classes)
-        if model.stripped:
-            params = count_params(model)
-            base = _base_params(model.arch, base_args)
-            return [dict(branch=model.branch, exit=model.taps[model.branch - 1], params=params,
-                         size_mb=params * 4 / MB, cr=None if base is None else 1.0 - params / base)]
-        base = count_params(model.base)
-        rows = [dict(branch=0, exit='classifier', params=base, size_mb=base * 4 / MB, cr=0.0)]
-        for k in range(1, model.sets):
-            params = None
-            if callable(getattr(model.base, 'prune_intermediate_layers', None)):
-                kwargs = dict(base_args, **model.sila_args())
-                kwargs.update(sila_branch=k, sila_stripped=True)
-                try:
-                    with torch.device('meta'):
-                        params = count_params(timm.create_model(f'sila_{model.arch}', **kwargs))
-                except Exception:
-                    params = None
-            rows.append(dict(branch=k, exit=model.taps[k - 1], params=params,
-                             size_mb=None if params is None else params * 4 / MB,
-                             cr=None if params is None else 1.0 - params / base))
-        return rows
-    params = count_params(model)
-    return [dict(branch=0, exit='classifier', params=params, size_mb=params * 4 / MB, cr=0.0)]
+__all__ = ['evaluate', 'format_eval', 'resolve_device', 'run_eval']
 
 
 def _topk_correct(logits: torch.Tensor, target: torch.Tensor, maxk: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .atomic import atomic_write_file
 from .config import sanitize_file_data_config
-from .evaluation import branch_sizes
+from .sizes import branch_sizes
 from .model import SilaNet
 from .shipping import CONFIG_NAME, load_stripped
 

@@ -10,7 +10,7 @@ Folders are written by `timm_sila.atomic` (whole or not at all, one writer at a 
 import copy
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -20,13 +20,13 @@ from timm.models._hub import save_config_for_hf
 
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import (
-    Checkpoint, CheckpointError, _first_line, _overridden, create_with_img_size, load_silanet,
+    Checkpoint, CheckpointError, _first_line, _overridden, load_silanet,
     load_state_dict_checked, read_checkpoint, read_safetensors)
 from .config import (
     check_file_architecture, sanitize_file_data_config, sanitize_file_model_kwargs)
 from .model import SilaNet, prune_base
 
-__all__ = ['strip', 'load_stripped', 'export_model', 'model_info', 'create_with_img_size']
+__all__ = ['strip', 'load_stripped', 'export_model']
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
@@ -37,13 +37,6 @@ EXPORTED_CFG_KEYS = ('input_size', 'test_input_size', 'min_input_size', 'fixed_i
                      'test_pool_size', 'first_conv', 'classifier', 'custom_load')
 # data config fields of a config.json that load_stripped puts into the model's pretrained_cfg
 _CFG_DATA_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
-MB = 2 ** 20  # bytes; "Params size (MB)" as in torchsummary and the paper's Table 3
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _base_args(net: SilaNet) -> Dict[str, Any]:
     """The create_model kwargs of the base, as timm recorded them; num_classes always the current one."""
     args = dict(getattr(net.base, '_model_args', None) or {})
@@ -229,37 +222,3 @@ def load_stripped(out_dir: Union[str, Path], **model_kwargs) -> nn.Module:
     model.pretrained_cfg = dict(model.pretrained_cfg, **{k: v for k, v in data_config.items() if k in _CFG_DATA_KEYS})
     model.default_cfg = model.pretrained_cfg
     return model.eval()
-
-
-def model_info(model: str, num_classes: int, img_size: Optional[int] = None, sets: Optional[int] = None,
-               taps: Optional[Sequence[Union[int, str]]] = None, head: Optional[str] = None,
-               **model_kwargs) -> Dict[str, Any]:
-    """Table 3 columns for every branch: params, fp32 size in MB (2**20 bytes), CR = 1 - params/params(base).
-
-    Branch k's params are those of the stripped branch-k model; 'train' is the whole SilaNet.
-    """
-    name = model.split('.', 1)[0]
-    name = name if name.startswith('sila_') else f'sila_{name}'
-    if not timm.is_model(name):
-        raise ValueError(f'Unknown model {model!r}; see timm.list_models().')
-    sila = {k: v for k, v in (('sila_sets', sets), ('sila_taps', list(taps) if taps else None),
-                              ('sila_head', head)) if v is not None}
-    kwargs = dict(model_kwargs, num_classes=num_classes, **sila)
-    net = create_with_img_size(name, img_size, **kwargs)
-    base_params = count_params(net.base)
-    rows: List[Dict[str, Any]] = []
-    for k in range(net.sets):
-        if k == 0:
-            params, exit_at = base_params, 'classifier'
-        else:
-            stripped = create_with_img_size(
-                name, img_size, **dict(kwargs, sila_taps=net.tap_args(), sila_sets=net.sets),
-                sila_branch=k, sila_stripped=True)
-            params, exit_at = count_params(stripped), net.taps[k - 1]
-        rows.append(dict(branch=k, exit=exit_at, params=params, size_mb=params * 4 / MB,
-                         cr=1.0 - params / base_params))
-    train = count_params(net)
-    return dict(model=name, arch=net.arch, num_classes=num_classes, img_size=img_size, sets=net.sets,
-                taps=list(net.taps), head=net.head_type, branches=rows,
-                train=dict(params=train, size_mb=train * 4 / MB),
-                units='size_mb = params * 4 bytes (fp32) / 2**20; cr = 1 - params(branch) / params(branch 0)')

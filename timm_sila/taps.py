@@ -111,7 +111,7 @@ def _run(model: nn.Module, how: str, shape: Tuple[int, int, int], fn: Callable):
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     if how != 'meta':
         device = param.device if param is not None else torch.device('cpu')
-        x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0), device='cpu').to(device, dtype)
         return fn(model, x)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
