@@ -4,6 +4,7 @@
     python benchmarks/coverage.py --families resnet,vit --force
     python benchmarks/coverage.py --archs resnet18,levit_128s --no-doc
     python benchmarks/coverage.py --report-only       # rewrite docs/coverage.md from the results file
+    python benchmarks/coverage.py --jobs 2 --export   # also the ONNX export checks (about doubles the time)
 
 Families come from `timm.list_models()`: family = (name prefix, timm module). The prefix is the name up to the
 first '_' with a trailing variant number dropped ('resnet50d' -> 'resnet', 'vgg19_bn' -> 'vgg', 'res2net50_14w_8s'
@@ -21,7 +22,7 @@ sweep). It builds `sila_<arch>` (num_classes=10) at the smallest input the model
           imports timm_sila gives bitwise equal logits
   strip1  strip(branch=1) -> reloaded after `import timm_sila` gives bitwise equal branch-1 logits, and has fewer
           parameters than the base model
-  onnx0, onnx1  (deployment, reported in their own column) `timm_sila.export(net, k, 'onnx')`: torch.onnx (dynamo)
+  onnx0, onnx1  (with --export; deployment, reported in their own column) `timm_sila.export(net, k, 'onnx')`: torch.onnx (dynamo)
           export of branch k, reloaded in onnxruntime and compared with PyTorch at batch 2 and 1 within the
           export tolerance (1e-4 * max(1, max |logit|))
 A check that raises the plugin's own clear ValueError (e.g. timm gives the model no prune_intermediate_layers or
@@ -71,11 +72,11 @@ def name_prefix(name: str) -> str:
 def family_map(names: Optional[Sequence[str]] = None) -> Dict[str, List[str]]:
     """Family label -> its architectures, from timm.list_models() (sila_* names excluded)."""
     import timm
-    from timm.models._registry import _model_to_module
+    module_of = {n: m for m in timm.list_modules() for n in timm.list_models(module=m)}
     names = [n for n in (names or timm.list_models()) if not n.startswith('sila_')]
     keyed = defaultdict(list)
     for n in names:
-        keyed[(name_prefix(n), _model_to_module.get(n, '?'))].append(n)
+        keyed[(name_prefix(n), module_of.get(n, '?'))].append(n)
     per_prefix = Counter(p for p, _ in keyed)
     return {(p if per_prefix[p] == 1 else f'{p} ({mod})'): sorted(v) for (p, mod), v in sorted(keyed.items())}
 
@@ -452,11 +453,13 @@ def _child_env(threads: int) -> Dict[str, str]:
     return env
 
 
-def _run_child(arch: str, family: str, params: Optional[int], timeout: float, threads: int) -> Dict[str, Any]:
+def _run_child(arch: str, family: str, params: Optional[int], timeout: float, threads: int,
+               export_checks: bool = False) -> Dict[str, Any]:
     start = time.time()
     base = dict(arch=arch, family=family, params=params)
     with tempfile.TemporaryDirectory(prefix='sila-coverage-') as tmp:
         cmd = [sys.executable, __file__, '--child', arch, '--work', tmp, '--threads', str(threads)]
+        cmd += ['--export'] if export_checks else []
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env(threads))
         except subprocess.TimeoutExpired:
@@ -481,7 +484,7 @@ def load_results(path: Path) -> Dict[str, Dict[str, Any]]:
 
 
 def sweep(pairs: List[Tuple[str, str]], counts: Dict[str, Optional[int]], results_path: Path, jobs: int,
-          timeout: float, threads: int, force: bool) -> Dict[str, Dict[str, Any]]:
+          timeout: float, threads: int, force: bool, export_checks: bool = False) -> Dict[str, Dict[str, Any]]:
     import timm
     done = load_results(results_path)
     todo = [(f, a) for f, a in pairs if force or a not in done or done[a].get('timm') != timm.__version__]
@@ -493,7 +496,7 @@ def sweep(pairs: List[Tuple[str, str]], counts: Dict[str, Optional[int]], result
 
     def one(pair):
         family, arch = pair
-        rec = _run_child(arch, family, counts.get(arch), timeout, threads)
+        rec = _run_child(arch, family, counts.get(arch), timeout, threads, export_checks)
         rec.setdefault('timm', timm.__version__)
         with open(results_path, 'a') as f:
             f.write(json.dumps(rec) + '\n')
@@ -559,8 +562,9 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
         + (f' Not run yet: {len(not_run)} families ({", ".join(not_run[:10])}{", ..." if len(not_run) > 10 else ""}).'
            if not_run else ''),
         '',
-        f'**ONNX export** (`timm_sila.export(..., format="onnx")`, onnxruntime parity): branch 0 of '
-        f'{onnx_ok[0]} / {len(exported)} families, branch 1 of {onnx_ok[1]} / {len(exported)} families.',
+        f'**ONNX export** (`timm_sila.export(..., format="onnx")`, onnxruntime parity; run for {len(exported)} of '
+        f'the {total} families, those swept with `--export`): branch 0 passes for {onnx_ok[0]} / {len(exported)}, '
+        f'branch 1 for {onnx_ok[1]} / {len(exported)}.',
         '',
         'Checks, in order (a row shows the first one that did not pass):',
         '',
@@ -648,12 +652,12 @@ def _failure_class(reason: str) -> str:
 
 
 # --- command line --------------------------------------------------------------------------------------------
-def _child_main(arch: str, work: str, threads: int) -> None:
+def _child_main(arch: str, work: str, threads: int, export_checks: bool) -> None:
     import warnings
     import torch
     warnings.filterwarnings('ignore')
     torch.set_num_threads(threads)
-    rec = check_arch(arch, Path(work))
+    rec = check_arch(arch, Path(work), export_checks=export_checks)
     print(_MARK + json.dumps(rec), flush=True)
 
 
@@ -671,6 +675,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--doc', type=Path, default=DEFAULT_DOC, help=f'report to write (default {DEFAULT_DOC})')
     p.add_argument('--no-doc', action='store_true', help='do not write the report')
     p.add_argument('--report-only', action='store_true', help='write the report from the results file only')
+    p.add_argument('--export', action='store_true',
+                   help='also export branches 0 and 1 to ONNX and check them in onnxruntime (about doubles the time)')
     p.add_argument('--child', help=argparse.SUPPRESS)
     p.add_argument('--work', help=argparse.SUPPRESS)
     p.add_argument('--count-params', help=argparse.SUPPRESS)
@@ -678,7 +684,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
 
     if args.child:
-        _child_main(args.child, args.work, args.threads)
+        _child_main(args.child, args.work, args.threads, args.export)
         return 0
     if args.count_params:
         print(json.dumps(_count_params_meta(json.loads(Path(args.count_params).read_text()), args.count_label)))
@@ -709,7 +715,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.limit:
         pairs = pairs[:args.limit]
     if not args.report_only:
-        records = sweep(pairs, counts, args.results, args.jobs, args.timeout, args.threads, args.force)
+        records = sweep(pairs, counts, args.results, args.jobs, args.timeout, args.threads, args.force, args.export)
     else:
         records = load_results(args.results)
     if not args.no_doc and not args.families and not args.archs and not args.limit:

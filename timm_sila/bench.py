@@ -24,6 +24,7 @@ from .export import _data_config, export, load_branch, load_checkpoint, require_
 from .model import SilaNet
 from .shipping import export_model
 from .sizes import count_params, size_row
+from .timm_compat import model_args
 
 __all__ = ['bench_branches', 'format_bench', 'read_metrics', 'RUNTIMES']
 
@@ -43,7 +44,7 @@ def _sila_kwargs(num_classes=None, sets=None, taps=None, head=None, **model_kwar
 
 def _base_of(net: SilaNet) -> nn.Module:
     """A randomly initialised base architecture of a stripped SilaNet (for timing and parameter counts)."""
-    args = dict(getattr(net.base, '_model_args', None) or {}, num_classes=net.num_classes)
+    args = dict(model_args(net.base), num_classes=net.num_classes)
     return timm.create_model(net.arch, **args).eval()
 
 

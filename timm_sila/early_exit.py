@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .model import SilaNet
+from .timm_compat import model_args as timm_model_args
 
 __all__ = ['EarlyExit', 'ExitResult', 'calibrate_temperatures', 'simulate_exits', 'choose_threshold',
            'choose_thresholds', 'TEMPERATURE_BOUNDS']
@@ -277,7 +278,7 @@ class EarlyExit(nn.Module):
         from safetensors.torch import save_file
         from .atomic import atomic_write_file
         from .config import UnsafeFileError, sanitize_file_model_kwargs
-        model_args = dict(getattr(self.model, '_model_args', None) or {}, **self.model.sila_args())
+        model_args = dict(timm_model_args(self.model), **self.model.sila_args())
         model_args.pop('num_classes', None)
         try:
             sanitize_file_model_kwargs(model_args, path)

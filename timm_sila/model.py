@@ -5,12 +5,12 @@ import torch
 import torch.nn as nn
 
 import timm
-from timm.models._manipulate import group_with_matcher
 
 from .heads import create_head
 from .logits import SilaLossError, wrap_sila_logits
 from .loss import _check_hparams
 from .taps import TAP_RULES, choose_taps, probe_stages, resolve_taps
+from .timm_compat import copy_traits, group_with_matcher
 
 __all__ = ['SilaNet', 'sila_pretrained_cfg', 'prune_base']
 
@@ -118,10 +118,8 @@ class SilaNet(nn.Module):
         self.default_cfg = self.pretrained_cfg
         self.num_features = getattr(base, 'num_features', None)
         self.in_chans = getattr(base, 'in_chans', self.pretrained_cfg.get('input_size', (3,))[0])
-        traits = getattr(base, '_traits', None)
-        if traits:  # timm's input metadata (img_size, first conv), read by save_for_hf on export
-            self._traits = dict(traits, first_conv=sila_pretrained_cfg(
-                {'first_conv': traits.get('first_conv')}, self.arch)['first_conv'])
+        # timm's input config (img_size, first conv) of the base, read by get_model_input_config / save_for_hf
+        copy_traits(base, self, lambda conv: sila_pretrained_cfg({'first_conv': conv}, self.arch)['first_conv'])
 
     # --- branch selection -------------------------------------------------------------------------------
     @property

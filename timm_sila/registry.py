@@ -1,15 +1,14 @@
 """`sila_<arch>` names in timm's registry, with the base architecture's pretrained tags."""
 import sys
-from collections import deque
 from dataclasses import replace
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import timm
-from timm.models import load_pretrained, register_model
-from timm.models import _registry
+from timm.models import DefaultCfg, generate_default_cfgs, load_pretrained, register_model
 
 from .config import SILA_KWARGS, SILA_PREFIX, SilaConfig, sanitize_file_data_config, sanitize_file_model_kwargs
 from .model import SilaNet, sila_pretrained_cfg
+from .timm_compat import arch_pretrained_cfgs
 
 __all__ = ['SILA_PREFIX', 'SILA_KWARGS', 'register_sila_models', 'base_arch']
 
@@ -83,20 +82,17 @@ def _entrypoint(arch: str):
     return fn
 
 
-def _mirror_cfgs(arch: str):
-    """DefaultCfg for sila_<arch> with every pretrained tag of <arch>, classifier/first_conv under `base.`."""
-    base_default = _registry._model_default_cfgs.get(arch)
-    if base_default is None:
-        return None
+def _mirror_cfgs(arch: str) -> Optional[DefaultCfg]:
+    """DefaultCfg for sila_<arch> with every pretrained tag of <arch> in its order (the default first),
+    classifier/first_conv under `base.`; None when <arch> has no pretrained cfg."""
     cfgs = {}
-    for tag in base_default.tags:
-        resolved = _registry._model_pretrained_cfgs.get(f'{arch}.{tag}' if tag else arch)
-        if resolved is None:
-            continue
-        remapped = sila_pretrained_cfg({'classifier': resolved.classifier, 'first_conv': resolved.first_conv}, arch)
-        cfgs[tag] = replace(resolved, classifier=remapped['classifier'], first_conv=remapped['first_conv'])
-    return _registry.DefaultCfg(tags=deque(t for t in base_default.tags if t in cfgs), cfgs=cfgs,
-                                is_pretrained=base_default.is_pretrained)
+    for i, (name, cfg) in enumerate(arch_pretrained_cfgs(arch).items()):
+        tag = name[len(arch) + 1:] if name.startswith(f'{arch}.') else ''
+        remapped = sila_pretrained_cfg({'classifier': cfg.classifier, 'first_conv': cfg.first_conv}, arch)
+        # '*' marks <arch>'s default tag as sila_<arch>'s default, whether or not it has weights
+        cfgs[f'{SILA_PREFIX}{arch}.{tag}{"*" if i == 0 else ""}'] = replace(
+            cfg, classifier=remapped['classifier'], first_conv=remapped['first_conv'])
+    return generate_default_cfgs(cfgs)[f'{SILA_PREFIX}{arch}'] if cfgs else None
 
 
 def register_sila_models() -> int:
@@ -105,7 +101,7 @@ def register_sila_models() -> int:
     added = 0
     for arch in timm.list_models():
         name = f'{SILA_PREFIX}{arch}'
-        if arch.startswith(SILA_PREFIX) or name in _registry._model_entrypoints:
+        if arch.startswith(SILA_PREFIX) or timm.is_model(name):
             continue
         mirrored = _mirror_cfgs(arch)
         if mirrored is not None:

@@ -16,7 +16,6 @@ import torch.nn as nn
 
 import timm
 from safetensors.torch import save_file
-from timm.models._hub import save_config_for_hf
 
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import (
@@ -25,6 +24,7 @@ from .checkpoint import (
 from .config import (
     check_file_architecture, sanitize_file_data_config, sanitize_file_model_kwargs)
 from .model import SilaNet, prune_base
+from .timm_compat import model_args, save_config_for_hf
 
 __all__ = ['strip', 'load_stripped', 'export_model']
 
@@ -39,7 +39,7 @@ EXPORTED_CFG_KEYS = ('input_size', 'test_input_size', 'min_input_size', 'fixed_i
 _CFG_DATA_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
 def _base_args(net: SilaNet) -> Dict[str, Any]:
     """The create_model kwargs of the base, as timm recorded them; num_classes always the current one."""
-    args = dict(getattr(net.base, '_model_args', None) or {})
+    args = model_args(net.base)
     args['num_classes'] = net.num_classes
     return args
 
@@ -170,10 +170,10 @@ def strip(
     else:
         raise ValueError(f'source must be a SilaNet or a checkpoint path, got {type(source).__name__}.')
     exported = export_model(net, branch)
-    model_args = dict(getattr(exported, '_model_args', None) or {})
-    model_args['num_classes'] = net.num_classes
+    file_args = model_args(exported)
+    file_args['num_classes'] = net.num_classes
     with atomic_output_dir(out_dir, overwrite, sources, _EXPORT_FILES, commit_last=CONFIG_NAME) as folder:
-        _write_export(exported, folder, model_args, _data_config(net, data_config, img_size))
+        _write_export(exported, folder, file_args, _data_config(net, data_config, img_size))
         if card:
             from .model_card import CARD_NAME, model_card  # the card module reads exports: imported here, not above
             text = model_card(folder, metrics, model=exported, name=out_dir.name)

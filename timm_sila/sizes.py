@@ -15,6 +15,7 @@ import timm
 
 from .checkpoint import create_with_img_size
 from .model import SilaNet
+from .timm_compat import model_args
 
 __all__ = ['MB', 'count_params', 'size_row', 'branch_sizes', 'model_info']
 
@@ -50,7 +51,7 @@ def _counted(name: str, kwargs: Dict[str, Any]) -> int:
 
 
 def _base_args(net: SilaNet) -> Dict[str, Any]:
-    return dict(getattr(net.base, '_model_args', None) or {}, num_classes=net.num_classes)
+    return dict(model_args(net.base), num_classes=net.num_classes)
 
 
 def branch_sizes(model: nn.Module) -> List[Dict[str, Any]]:

@@ -8,6 +8,7 @@ from torch.func import functional_call
 from timm.models import get_model_input_config
 
 from .config import TAP_RULES
+from .timm_compat import built_by_timm
 
 __all__ = ['Stage', 'TAP_RULES', 'probe_stages', 'choose_taps', 'resolve_taps']
 
@@ -41,7 +42,7 @@ def _feature_entries(model: nn.Module) -> List[dict]:
 def probe_input_shape(model: nn.Module) -> Tuple[int, int, int]:
     """(C, H, W) to probe with: timm's current input config (the size/channels the model was built for, e.g.
     `img_size=`); for a model timm did not build, its patch embedding's img_size, else its pretrained_cfg input."""
-    if getattr(model, '_traits', None) is not None:  # built by timm: it records the current input config
+    if built_by_timm(model):  # timm records the current input config
         return tuple(int(v) for v in get_model_input_config(model)['input_size'])
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     chans, height, width = cfg.get('input_size', (3, 224, 224))
@@ -85,7 +86,7 @@ def _probe_attempts(model: nn.Module) -> List[Tuple[str, Tuple[int, int, int]]]:
     """
     chans, height, width = probe_input_shape(model)
     attempts = []
-    if getattr(model, '_traits', None) is not None and not get_model_input_config(model)['fixed_input_size']:
+    if built_by_timm(model) and not get_model_input_config(model)['fixed_input_size']:
         side = max(int(model.feature_info[-1].get('reduction') or 0), 32)
         if side < min(height, width):
             attempts.append(('small', (chans, side, side)))

@@ -1,0 +1,47 @@
+"""The only place timm_sila touches timm internals that have no public API (tested against every timm release
+the package allows: tests/test_timm_compat.py, run by CI with the newest one setup.cfg's bound admits).
+
+* `model_args(model)`: the create_model kwargs timm records on a model it built (`_model_args`), which
+  `save_config_for_hf` writes as config.json `model_args` so the model rebuilds the same;
+* `built_by_timm(model)`: whether timm recorded the model's input config (`_traits`), i.e. whether
+  `timm.models.get_model_input_config` describes it;
+* `copy_traits(src, dst, rename_first_conv)`: give a wrapper the input config timm recorded on the model it wraps;
+* `arch_pretrained_cfgs(arch)`: the public `timm.models.get_arch_pretrained_cfgs` without its deep copies, which
+  would cost ~0.6 s at `import timm_sila` (every architecture's cfgs are mirrored for sila_<arch>);
+* `group_with_matcher`, `save_config_for_hf`: timm's layer grouping (for layer-wise LR decay) and config.json writer.
+"""
+from typing import Any, Callable, Dict
+
+import torch.nn as nn
+from timm.models import PretrainedCfg
+from timm.models import _registry
+from timm.models._hub import save_config_for_hf
+from timm.models._manipulate import group_with_matcher
+
+__all__ = ['model_args', 'built_by_timm', 'copy_traits', 'arch_pretrained_cfgs', 'group_with_matcher',
+           'save_config_for_hf', 'TESTED_TIMM']
+
+TESTED_TIMM = '1.0.31'  # the newest timm these internals were checked against (setup.cfg: timm>=1.0.31,<1.1)
+
+
+def model_args(model: nn.Module) -> Dict[str, Any]:
+    """A copy of the kwargs timm.create_model recorded for `model` ({} for a model timm did not build)."""
+    return dict(getattr(model, '_model_args', None) or {})
+
+
+def built_by_timm(model: nn.Module) -> bool:
+    return getattr(model, '_traits', None) is not None
+
+
+def copy_traits(src: nn.Module, dst: nn.Module, rename_first_conv: Callable[[Any], Any]) -> None:
+    """dst (a wrapper of src) gets src's recorded input config (img_size, in_chans, ...), its first conv's name
+    passed through `rename_first_conv` (src's module path as seen from dst)."""
+    traits = getattr(src, '_traits', None)
+    if traits:
+        dst._traits = dict(traits, first_conv=rename_first_conv(traits.get('first_conv')))
+
+
+def arch_pretrained_cfgs(arch: str) -> Dict[str, PretrainedCfg]:
+    """{'arch.tag': resolved PretrainedCfg} of every tag of `arch`, the default first; timm's own objects, so
+    callers must not modify them (dataclasses.replace makes changed copies)."""
+    return {name: _registry._model_pretrained_cfgs[name] for name in _registry._model_with_tags.get(arch, [])}
