@@ -208,6 +208,28 @@ def test_files_that_need_the_model_name(trained, tmp_path, kind, branch):
     assert torch.equal(eval_logits(model, x), branch_logits(net, x, branch))
 
 
+@pytest.mark.parametrize('prefix', ['_orig_mod.', 'module._orig_mod.', '_orig_mod.module.'])
+def test_compiled_and_ddp_model_keys_are_cleaned_as_timm_does(trained, tmp_path, prefix):
+    net, x = trained  # torch.compile(model).state_dict() prefixes '_orig_mod.'; DDP 'module.', in either order
+    path = train_checkpoint(tmp_path / 'ckpt.pth.tar', net, prefix=prefix)
+    model = load_stripped(strip(path, branch=1, out_dir=tmp_path / 'b'))
+    assert torch.equal(eval_logits(model, x), branch_logits(net, x, 1))
+
+
+def test_model_ema_key_holds_ema_weights_as_for_timm(trained, tmp_path):
+    net, x = trained
+    ema = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = train_checkpoint(tmp_path / 'ckpt.pth.tar', net)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt['model_ema'] = {f'_orig_mod.{k}': v for k, v in ema.state_dict().items()}
+    torch.save(ckpt, path)
+    model = load_stripped(strip(path, branch=2, out_dir=tmp_path / 'ema', ema=True))
+    assert torch.equal(eval_logits(model, x), branch_logits(ema, x, 2))
+
+
 # --- errors -------------------------------------------------------------------------------------------------
 class NotAllowed:
     pass

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 import timm
+from timm.models import clean_state_dict
 
 from .config import (
     SILA_PREFIX, CheckpointError, UnsafeFileError, sanitize_file_data_config, sanitize_file_model_kwargs)
@@ -27,6 +28,7 @@ from .model import SilaNet
 __all__ = ['CheckpointError', 'UnsafeFileError', 'Checkpoint', 'read_checkpoint', 'read_safetensors',
            'load_silanet', 'load_state_dict_checked', 'create_with_img_size']
 
+_EMA_KEYS = ('state_dict_ema', 'model_ema')  # where timm's load_state_dict looks for EMA weights, in its order
 _NAME_CHARS = frozenset('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-')
 # exceptions torch.load / safetensors raise on a truncated, corrupt or crafted file
 _READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
@@ -37,8 +39,8 @@ _READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexErro
 class Checkpoint:
     """What a checkpoint file holds: weights, optional EMA weights, and what it says about its model."""
     path: Path
-    state_dict: Dict[str, torch.Tensor]
-    state_dict_ema: Optional[Dict[str, torch.Tensor]] = None
+    state_dict: Dict[str, torch.Tensor]  # keys cleaned by timm's clean_state_dict (no 'module.' / '_orig_mod.')
+    state_dict_ema: Optional[Dict[str, torch.Tensor]] = None  # 'state_dict_ema' or 'model_ema', cleaned alike
     model_name: Optional[str] = None  # e.g. 'sila_resnet18', from train.py's args.model / arch
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # allow-listed create_model kwargs from train.py args
     data_config: Dict[str, Any] = field(default_factory=dict)  # range-checked input_size / mean / std ... from args
@@ -64,13 +66,6 @@ def _first_line(err: BaseException) -> str:
 def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
-def _strip_module_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """DDP / DataParallel checkpoints prefix every key with 'module.'."""
-    if state_dict and all(k.startswith('module.') for k in state_dict):
-        return {k[len('module.'):]: v for k, v in state_dict.items()}
-    return state_dict
 
 
 def _check_file(path: Path, what: str = 'Checkpoint') -> None:
@@ -192,8 +187,9 @@ def read_checkpoint(path: Union[str, Path], overridden: Iterable[str] = ()) -> C
         ckpt.state_dict = raw
     elif isinstance(raw, dict) and _is_tensor_dict(raw.get('state_dict')):
         ckpt.state_dict = raw['state_dict']
-        if _is_tensor_dict(raw.get('state_dict_ema')):
-            ckpt.state_dict_ema = _strip_module_prefix(raw['state_dict_ema'])
+        ema_key = next((k for k in _EMA_KEYS if _is_tensor_dict(raw.get(k))), None)
+        if ema_key is not None:
+            ckpt.state_dict_ema = clean_state_dict(raw[ema_key])
         args = raw.get('args')
         get = _getter(args)
         name = _file_model_name(get('model'), path)
@@ -212,7 +208,7 @@ def read_checkpoint(path: Union[str, Path], overridden: Iterable[str] = ()) -> C
         keys = sorted(map(str, raw))[:6] if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f'{path} holds no state_dict (found {keys}); expected a timm train.py checkpoint, '
                               f'a state_dict or a .safetensors file.')
-    ckpt.state_dict = _strip_module_prefix(ckpt.state_dict)
+    ckpt.state_dict = clean_state_dict(ckpt.state_dict)
     return ckpt
 
 
@@ -320,7 +316,7 @@ def load_silanet(
                                                    sila_taps=taps, sila_head=head, img_size=img_size))
     if ema:
         if ckpt.state_dict_ema is None:
-            raise CheckpointError(f'EMA weights were asked for, but {ckpt.path} has no state_dict_ema '
+            raise CheckpointError(f'EMA weights were asked for, but {ckpt.path} has no state_dict_ema or model_ema '
                                   f'(timm train.py saves them only when trained with --model-ema).')
         state_dict = ckpt.state_dict_ema
     else:
