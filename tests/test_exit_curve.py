@@ -10,7 +10,7 @@ import timm
 from safetensors.torch import save_file
 
 from timm_sila.cli import main
-from timm_sila.early_exit import TEMPERATURE_BOUNDS, calibrate_temperatures, simulate_exits
+from timm_sila.exit_calibration import TEMPERATURE_BOUNDS, calibrate_temperatures, simulate_exits
 from timm_sila.exit_curve import exit_curve, format_curve
 
 

@@ -1,5 +1,4 @@
 """Branch sizes (Table 3): one definition of params / MB / CR for info, eval, bench and the model card."""
-import pytest
 import torch
 
 import timm

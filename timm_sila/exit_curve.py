@@ -17,7 +17,9 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from .early_exit import EarlyExit, _score, calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
+from .early_exit import EarlyExit
+from .exit_calibration import calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
+from .exit_policy import certainty, exit_score
 from .model import SilaNet
 
 __all__ = ['collect_branch_logits', 'exit_curve', 'format_curve', 'plot_curve', 'run_exit_curve']
@@ -72,11 +74,11 @@ def _sweep_thresholds(logits: torch.Tensor, labels: torch.Tensor, temps: List[fl
     replaced from a finer quantile grid. Fewer than `points` only when the calibration data has fewer distinct
     operating points."""
     sets = logits.shape[1]
-    best = torch.stack([_score(logits[:, k] / temps[k], policy) for k in range(1, sets)], 1).amax(1).double()
-    sign = -1.0 if policy == 'entropy' else 1.0  # the entropy policy compares entropy = -score with the threshold
+    scores = torch.stack([exit_score(logits[:, k] / temps[k], policy) for k in range(1, sets)], 1)
+    best = certainty(certainty(scores, policy).amax(1), policy).double()  # each sample's most certain exit score
 
     def at(level: float) -> float:
-        return sign * float(torch.quantile(best, level))
+        return float(torch.quantile(best, level))
 
     def outcome(t: float) -> tuple:  # exits are nested in the threshold: equal counts per set = equal decisions
         return tuple(simulate_exits(logits, labels, [t] * (sets - 1), temps, seg, policy)['exits'].values())
@@ -92,7 +94,7 @@ def _sweep_thresholds(logits: torch.Tensor, labels: torch.Tensor, temps: List[fl
         q = max(spare, key=lambda c: min(abs(c - used) for used, _ in taken.values()))
         spare.remove(q)
         taken.setdefault(outcome(at(q)), (q, at(q)))
-    return sorted((t for _, t in taken.values()), reverse=policy == 'entropy')
+    return sorted((t for _, t in taken.values()), key=lambda t: certainty(t, policy))  # most early answers first
 
 
 @torch.no_grad()
