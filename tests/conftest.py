@@ -1,3 +1,4 @@
+import copy
 import functools
 
 import pytest
@@ -23,13 +24,19 @@ REPRESENTATIVE = {
 
 
 @functools.lru_cache(maxsize=None)
-def build_sila(arch: str, num_classes: int = 10):
-    """A sila_<arch> model (cached: build once per test session) and an input batch for it."""
+def _built_sila(arch: str, num_classes: int):
     kwargs, size = REPRESENTATIVE[arch]
     torch.manual_seed(0)
     model = timm.create_model(f'sila_{arch}', num_classes=num_classes, **kwargs)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     return model, x
+
+
+def build_sila(arch: str, num_classes: int = 10):
+    """A fresh copy of sila_<arch> (built once per session, seed 0, train mode) and its input batch: a test may
+    change the copy (branch, mode, BN statistics, gradients) without reaching any other test."""
+    model, x = _built_sila(arch, num_classes)
+    return copy.deepcopy(model), x.clone()
 
 
 def vanilla_like(arch: str, sila_model, num_classes: int = 10):

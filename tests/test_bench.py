@@ -1,5 +1,6 @@
 """bench_branches(): per-branch speed measured side by side, with params / MB / CR and accuracy from an eval JSON."""
 import json
+import time
 
 import pytest
 import torch
@@ -21,11 +22,17 @@ def net():
 
 def test_rounds_alternate_and_warm_up_untimed():
     calls = []
-    runners = [lambda x, i=i: calls.append(i) for i in range(3)]
-    times = _time_side_by_side(runners, None, warmup=2, repeats=4)
+
+    def runner(i):
+        def run(x):
+            calls.append(i)
+            time.sleep(0.01 * i)  # sleeps at least this long: each time must land with its own model
+        return run
+    times = _time_side_by_side([runner(i) for i in range(3)], None, warmup=2, repeats=4)
     assert calls[:6] == [0, 1, 2, 0, 1, 2]  # warm-up: every model, untimed
     assert calls[6:] == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]  # round i starts at model i mod 3
-    assert [len(t) for t in times] == [4, 4, 4] and all(s >= 0 for t in times for s in t)
+    assert [len(t) for t in times] == [4, 4, 4]
+    assert all(s >= 0.01 * i for i, t in enumerate(times) for s in t)
 
 
 def test_every_branch_of_a_silanet(net, tmp_path):

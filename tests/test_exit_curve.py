@@ -1,5 +1,6 @@
 """exit-curve: thresholds come from calibration data only; the CLI runs end to end on an ImageFolder."""
 import json
+import math
 
 import pytest
 import torch
@@ -35,7 +36,8 @@ def test_curve_rows_and_calibration_only_thresholds(model):
     assert all(0 < r['compute'] <= 1 + 1e-9 for r in a['rows'])
     assert sum(sum(r['exits'].values()) == 24 for r in a['rows']) == len(a['rows'])
     timed = [r for r in a['rows'] if 'speedup' in r]
-    assert len(timed) >= min(2, len(a['rows'])) and any(r['chosen'] for r in timed) and all(r['speedup'] > 0 for r in timed)
+    assert len(timed) >= min(2, len(a['rows'])) and any(r['chosen'] for r in timed) and all(
+        math.isfinite(r['speedup']) and 0.05 < r['speedup'] < 20 for r in timed)
     for r in timed:  # the routed forward's counted compute agrees with the offline simulation
         assert r['measured_compute'] == pytest.approx(
             simulate_exits(torch.stack(model.forward_branches(torch.cat([x for x, _ in _loader(1)])), 1),

@@ -62,7 +62,6 @@ def test_base_and_sila_share_init_batches_and_augmentation():
     # the same number of draws in the same order: both generators end in the same state
     assert torch.equal(runs[0].gen.get_state(), runs[1].gen.get_state())
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[0] > losses[1]  # the Sila loss adds the auxiliary sets' terms to a softmax over 3N logits
 
 
 def test_end_to_end_one_epoch(tmp_path):

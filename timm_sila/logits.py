@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .loss import sila_cross_entropy, sila_log_probs
+from .trainpy_hints import hint_for_op
 
 __all__ = ['SilaLogits', 'SilaLossError', 'wrap_sila_logits']
 
@@ -70,33 +71,6 @@ def _describe(func) -> str:
     return getattr(func, '__qualname__', None) or getattr(func, '__name__', None) or repr(func)
 
 
-# train.py options whose criterion reaches the logits through these operations (first op each one applies).
-_FLAG_HINTS = (
-    (('sigmoid', 'binary_cross_entropy', 'binary_cross_entropy_with_logits', 'logsigmoid'),
-     'This is binary cross-entropy: train.py --bce-loss (timm BinaryCrossEntropy, `--loss bce` in newer train.py) '
-     'or another sigmoid-based loss (asl, poly, twoway, zlpr, db); drop that flag. '),
-    (('split', 'chunk', 'tensor_split', 'unbind'),
-     'This is the JSD loss: train.py --jsd-loss (timm JsdCrossEntropy, used with --aug-splits); drop --jsd-loss '
-     '(--aug-splits alone is fine). '),
-    (('clone',),
-     'DistributedDataParallel clones model outputs when find_unused_parameters=True or static_graph=True (or '
-     'when another wrapper copies them); the copy would be a plain tensor. timm train.py sets neither: wrap the '
-     'SilaNet in DDP without these options (all its parameters are used in every training step). '),
-    (('div', '__truediv__', '__rtruediv__', 'div_', '__itruediv__'),
-     'This is logit knowledge distillation (train.py --kd-model-name, timm LogitDistillationTask): the '
-     'distillation term would be computed over M·N logits; train without --kd-model-name. '),
-)
-
-
-def _flag_hint(func) -> str:
-    name = getattr(func, '__name__', '')
-    for names, hint in _FLAG_HINTS:
-        if name in names:
-            return hint
-    return ('This happens with train.py --bce-loss, --jsd-loss, knowledge distillation (--kd-model-name), '
-            'or any custom criterion. ')
-
-
 class SilaLogits(torch.Tensor):
     """(B, M·N) SilaNet training logits ordered [set 0 | set 1 | ... | set M-1].
 
@@ -126,7 +100,7 @@ class SilaLogits(torch.Tensor):
                 return func(*args, **kwargs)
         raise SilaLossError(
             f'`{_describe(func)}` was applied to SilaNet training logits (B, M·N). The Sila loss cannot be carried '
-            f'through it, so training would optimise the wrong objective. {_flag_hint(func)}'
+            f'through it, so training would optimise the wrong objective. {hint_for_op(getattr(func, "__name__", ""))}'
             + _SUPPORTED + ' To use the raw logits deliberately, call `.unwrap()` first.')
 
 

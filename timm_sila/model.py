@@ -180,13 +180,15 @@ class SilaNet(nn.Module):
         return self.forward_branch(x, self.branch)
 
     def forward_features(self, x: torch.Tensor):
+        """Always raises SilaLossError: the sets read different stages, so there is no single feature map."""
         raise SilaLossError(
             'SilaNet has no single feature map: its sets read different stages. Feature/token distillation '
             '(train.py --kd-distill-type feature/token) would train set 0 alone with a plain loss; use '
             'model.base.forward_features for inference, or train without distillation.')
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        self.forward_features(x)
+        """Always raises SilaLossError, as forward_features (there is no single feature map to apply it to)."""
+        return self.forward_features(x)
 
     # --- timm model protocol ----------------------------------------------------------------------------
     def no_weight_decay(self) -> Set[str]:
