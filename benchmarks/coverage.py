@@ -190,10 +190,8 @@ def find_input(arch: str) -> Tuple[Dict[str, Any], Tuple[int, int, int]]:
         if cfg['fixed_input_size'] and (s, s) != (height, width):
             try:
                 model = timm.create_model(arch, num_classes=NUM_CLASSES, img_size=s)
-            except TypeError as e:
-                if 'img_size' in str(e):
-                    break  # cannot resize: use its own size
-                continue
+            except TypeError:
+                break  # a fixed-size model without an img_size argument: use its own size
             except Exception:
                 continue
             kwargs = {'img_size': s}
