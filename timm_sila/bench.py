@@ -21,6 +21,7 @@ import timm
 
 from .checkpoint import create_with_img_size
 from .export import _data_config, export, load_branch, load_checkpoint, require_onnx
+from .config import sila_name
 from .model import SilaNet
 from .shipping import export_model
 from .sizes import count_params, size_row
@@ -51,9 +52,8 @@ def _base_of(net: SilaNet) -> nn.Module:
 def _models(source: Union[str, Path, nn.Module], img_size: Optional[int], load_kwargs: Dict[str, Any]
             ) -> Tuple[List[Dict[str, Any]], Dict[str, Any], str]:
     """([{branch, exit, model, weights}], data config args, description of the source)."""
-    if isinstance(source, str) and not Path(source).exists() and timm.is_model(
-            f'sila_{source.split(".", 1)[0].removeprefix("sila_")}'):
-        name = f'sila_{source.split(".", 1)[0].removeprefix("sila_")}'
+    if isinstance(source, str) and not Path(source).exists() and timm.is_model(sila_name(source)):
+        name = sila_name(source)
         if load_kwargs.get('model') or load_kwargs.get('ema'):
             raise ValueError(f'model= / ema= apply to checkpoint files; {source} is a model name (random weights).')
         load_kwargs = {k: v for k, v in load_kwargs.items() if k not in ('model', 'ema')}

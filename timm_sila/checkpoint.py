@@ -22,7 +22,8 @@ import timm
 from timm.models import clean_state_dict
 
 from .config import (
-    SILA_PREFIX, CheckpointError, UnsafeFileError, sanitize_file_data_config, sanitize_file_model_kwargs)
+    CheckpointError, UnsafeFileError, sanitize_file_data_config, sanitize_file_model_kwargs, sila_kwargs,
+    is_sila_name, sila_name)
 from .model import SilaNet
 
 __all__ = ['CheckpointError', 'UnsafeFileError', 'Checkpoint', 'read_checkpoint', 'read_safetensors',
@@ -324,11 +325,8 @@ def load_silanet(
     _check_sila_keys(state_dict, ckpt.path)
 
     name = model or ckpt.model_name
-    if name is not None and not name.startswith(SILA_PREFIX):
-        if model is None:  # e.g. train.py arch 'silanet' when saved without args
-            name = None
-        else:
-            name = SILA_PREFIX + name
+    if name is not None and not is_sila_name(name):
+        name = None if model is None else sila_name(name)  # no model given: e.g. train.py arch 'silanet'
     if name is None:
         raise CheckpointError(f'{ckpt.path} does not say which SilaNet it holds; pass the model name '
                               f'(model="sila_resnet18", CLI --model sila_resnet18) and its num_classes/sets/taps.')
@@ -340,10 +338,9 @@ def load_silanet(
     if img_size is not None:
         kwargs.pop('img_size', None)
     kwargs.update(model_kwargs)
-    for key, value in (('num_classes', num_classes), ('sila_sets', sets), ('sila_taps', taps),
-                       ('sila_head', head)):
-        if value is not None:
-            kwargs[key] = list(value) if key == 'sila_taps' else value
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+    kwargs.update(sila_kwargs(sets=sets, taps=taps, head=head))
     kwargs.setdefault('num_classes', _infer_num_classes(state_dict))
     kwargs.setdefault('sila_sets', _infer_sets(state_dict))
     kwargs.update(sila_branch=0, sila_stripped=False)

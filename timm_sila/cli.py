@@ -14,6 +14,8 @@ import timm
 
 from timm_sila_cli import BAD_INPUT, build_parser, main
 
+from .config import sila_name
+
 __all__ = ['main', 'build_parser', 'BAD_INPUT', 'run_strip', 'run_info', 'format_info', 'check_model_name',
            'print_json']
 
@@ -26,7 +28,7 @@ def print_json(obj: Any) -> None:
 def check_model_name(name: str) -> None:
     """ValueError naming `name` as typed unless timm knows it, or its sila_ form (a pretrained tag is ignored)."""
     arch = name.split('.', 1)[0]
-    if timm.is_model(arch) or timm.is_model(f'sila_{arch}'):
+    if timm.is_model(arch) or timm.is_model(sila_name(arch)):
         return
     close = difflib.get_close_matches(arch, timm.list_models(), n=3)
     hint = f'did you mean {", ".join(close)}? ' if close else ''

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 __all__ = [
     'CheckpointError', 'UnsafeFileError', 'SilaConfig', 'SILA_PREFIX', 'SILA_KWARGS', 'FILE_MODEL_KWARGS',
+    'sila_name', 'base_arch', 'is_sila_name', 'sila_kwargs',
     'DATA_CONFIG_KEYS', 'sanitize_file_model_kwargs', 'sanitize_file_data_config', 'check_file_architecture',
 ]
 
@@ -176,6 +177,33 @@ _SILA_CHECKS: Dict[str, Callable[[Any], bool]] = {
     'sila_stripped': _spec(_flag, 'a bool'),
 }
 SILA_KWARGS = tuple(SILA_PREFIX + f.name for f in fields(SilaConfig))  # the one list of sila_* names
+
+
+def sila_name(name: str) -> str:
+    """The registered SilaNet model name of an architecture or model name, without a pretrained tag:
+    'resnet18', 'sila_resnet18' and 'sila_resnet18.a1_in1k' -> 'sila_resnet18'."""
+    return SILA_PREFIX + base_arch(name)
+
+
+def base_arch(name: str) -> str:
+    """The timm architecture under a (sila_) model name: 'sila_resnet18.a1_in1k' -> 'resnet18'."""
+    arch = name.split(':')[-1].split('.', 1)[0]
+    return arch[len(SILA_PREFIX):] if arch.startswith(SILA_PREFIX) else arch
+
+
+def is_sila_name(name: str) -> bool:
+    return name.split(':')[-1].startswith(SILA_PREFIX)
+
+
+def sila_kwargs(**settings: Any) -> Dict[str, Any]:
+    """`sila_*` create_model kwargs of the SilaConfig fields given and not None: sila_kwargs(sets=3, taps=None)
+    -> {'sila_sets': 3}. Unknown field names are a TypeError (a programming error)."""
+    names = {f.name for f in fields(SilaConfig)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise TypeError(f'sila_kwargs() got unknown SilaConfig fields {unknown}')
+    return {SILA_PREFIX + k: (list(v) if k == 'taps' and isinstance(v, tuple) else v)
+            for k, v in settings.items() if v is not None}
 
 # --- the create_model arguments a file may set -------------------------------------------------------------
 _COUNT = _spec(_int(0), 'an integer >= 0')

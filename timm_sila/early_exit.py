@@ -253,7 +253,7 @@ class EarlyExit(nn.Module):
         """
         import timm
         from .checkpoint import load_state_dict_checked, read_safetensors
-        from .config import CheckpointError, check_file_architecture, sanitize_file_model_kwargs
+        from .config import CheckpointError, check_file_architecture, sanitize_file_model_kwargs, sila_name
         tensors, metadata = read_safetensors(path)
         raw = metadata.get('timm_sila')
         if raw is None:
@@ -270,7 +270,7 @@ class EarlyExit(nn.Module):
             raise CheckpointError(f'{path}: its early-exit metadata lacks arch (a name), num_classes (an integer '
                                   f'>= 1) or early_exit (policy, thresholds, temperatures); save it with '
                                   f'EarlyExit.save().')
-        name = check_file_architecture(f'sila_{check_file_architecture(meta["arch"], path)}', path)
+        name = check_file_architecture(sila_name(check_file_architecture(meta['arch'], path)), path)
         kwargs = sanitize_file_model_kwargs(meta.get('model_args'), path, overridden=('num_classes',))
         try:
             model = timm.create_model(name, num_classes=num_classes, **kwargs)

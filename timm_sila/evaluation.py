@@ -160,7 +160,7 @@ def _load_model(args: argparse.Namespace):
     """(model, checked data-config args from the checkpoint) for the CLI arguments."""
     from .checkpoint import read_checkpoint, load_silanet, create_with_img_size
     from .cli import check_model_name
-    from .config import sanitize_file_data_config
+    from .config import is_sila_name, sanitize_file_data_config
     name = args.model
     if name.startswith('local-dir:'):
         return _load_stripped_folder(args), {}
@@ -170,7 +170,7 @@ def _load_model(args: argparse.Namespace):
                          f'folder).')
     ckpt = read_checkpoint(args.checkpoint)
     data_args = sanitize_file_data_config(ckpt.data_config, source=args.checkpoint)
-    is_sila = name.split('.', 1)[0].startswith('sila_') or (
+    is_sila = is_sila_name(name) or (
         any(k.startswith('heads.') for k in ckpt.state_dict) and any(k.startswith('base.') for k in ckpt.state_dict))
     if is_sila:
         model = load_silanet(ckpt, model=name, num_classes=args.num_classes, ema=args.ema, img_size=args.img_size)

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from .atomic import atomic_write_file
 from .checkpoint import _first_line, _overridden, create_with_img_size, load_silanet, read_checkpoint
+from .config import base_arch, sila_name
 from .model import SilaNet
 from .shipping import CONFIG_NAME, WEIGHTS_NAME, export_model, load_stripped
 
@@ -322,13 +323,11 @@ def export_check(model_name: str, img_size: int, branch: int, format: str = 'onn
                  **model_kwargs) -> Tuple[bool, str]:
     """(ok, reason) for the coverage sweep: can branch `branch` of `model_name` (random weights) be exported
     to `format` and pass the parity check? reason: 'max |delta| ...' when ok, else the one-line failure."""
-    arch = model_name.split('.', 1)[0]
-    arch = arch[len('sila_'):] if arch.startswith('sila_') else arch
     try:
         if branch == 0:
-            model = create_with_img_size(arch, img_size, num_classes=num_classes, **model_kwargs)
+            model = create_with_img_size(base_arch(model_name), img_size, num_classes=num_classes, **model_kwargs)
         else:
-            model = create_with_img_size(f'sila_{arch}', img_size, num_classes=num_classes, sila_branch=branch,
+            model = create_with_img_size(sila_name(model_name), img_size, num_classes=num_classes, sila_branch=branch,
                                          sila_stripped=True, **model_kwargs)
         with tempfile.TemporaryDirectory(prefix='timm-sila-export-check-') as tmp:
             report = export(model.eval(), branch, format, Path(tmp) / f'model.{format}', img_size=img_size)

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import timm
 
+from .config import sila_name
 from .heads import create_head
 from .logits import SilaLossError, wrap_sila_logits
 from .loss import _check_hparams
@@ -18,7 +19,7 @@ __all__ = ['SilaNet', 'sila_pretrained_cfg', 'prune_base']
 def sila_pretrained_cfg(base_cfg: Dict[str, Any], arch: str) -> Dict[str, Any]:
     """A base model's pretrained_cfg re-addressed to the SilaNet: architecture sila_<arch>, layers under base."""
     cfg = dict(base_cfg or {})
-    cfg['architecture'] = f'sila_{arch}'
+    cfg['architecture'] = sila_name(arch)
     for key in ('classifier', 'first_conv'):
         value = cfg.get(key)
         if isinstance(value, str):

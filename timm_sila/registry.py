@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 import timm
 from timm.models import DefaultCfg, generate_default_cfgs, load_pretrained, register_model
 
-from .config import SILA_KWARGS, SILA_PREFIX, SilaConfig, sanitize_file_data_config, sanitize_file_model_kwargs
+from .config import SILA_KWARGS, SILA_PREFIX, SilaConfig, base_arch, sanitize_file_data_config, sanitize_file_model_kwargs
 from .model import SilaNet, sila_pretrained_cfg
 from .timm_compat import arch_pretrained_cfgs
 
@@ -17,12 +17,6 @@ __all__ = ['SILA_PREFIX', 'SILA_KWARGS', 'register_sila_models', 'base_arch']
 _SOURCE_CFG_KEYS = {'local-dir': ('source', 'file'), 'hf-hub': ('source', 'hf_hub_id')}
 
 default_cfgs: Dict[str, Any] = {}  # read by timm's register_model for this module's entrypoints
-
-
-def base_arch(model_name: str) -> str:
-    """'sila_resnet18.a1_in1k' -> 'resnet18'."""
-    arch = model_name.split(':')[-1].split('.', 1)[0]
-    return arch[len(SILA_PREFIX):] if arch.startswith(SILA_PREFIX) else arch
 
 
 def _is_sila_checkpoint(pretrained_cfg) -> bool:

@@ -22,7 +22,7 @@ from .checkpoint import (
     Checkpoint, CheckpointError, _first_line, _overridden, load_silanet,
     load_state_dict_checked, read_checkpoint, read_safetensors)
 from .config import (
-    check_file_architecture, sanitize_file_data_config, sanitize_file_model_kwargs)
+    sila_name, check_file_architecture, sanitize_file_data_config, sanitize_file_model_kwargs)
 from .model import SilaNet, prune_base
 from .timm_compat import model_args, save_config_for_hf
 
@@ -69,7 +69,7 @@ def export_model(net: SilaNet, branch: int = 0) -> nn.Module:
         raise ValueError(f'{net.arch} has no prune_intermediate_layers(), so branch {branch} cannot be stripped '
                          f'to a smaller model; strip(..., branch=0) still exports the base model.')
     sila = dict(net.sila_args(), sila_branch=branch, sila_stripped=True)
-    model = timm.create_model(f'sila_{net.arch}', **base_args, **sila)
+    model = timm.create_model(sila_name(net.arch), **base_args, **sila)
     # Prune a copy of the trained base the way the stripped model was pruned: some models' pruning reshapes
     # parameters (EfficientViM slices its per-stage `weights`), so the full model's tensors would not fit.
     pruned = copy.deepcopy(net.base)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import timm
 
 from .checkpoint import create_with_img_size
+from .config import sila_kwargs, sila_name
 from .model import SilaNet
 from .timm_compat import model_args
 
@@ -70,7 +71,7 @@ def branch_sizes(model: nn.Module) -> List[Dict[str, Any]]:
     prunable = callable(getattr(model.base, 'prune_intermediate_layers', None))
     for k in range(1, model.sets):
         kwargs = dict(_base_args(model), **dict(model.sila_args(), sila_branch=k, sila_stripped=True))
-        params = _counted(f'sila_{model.arch}', kwargs) if prunable else None
+        params = _counted(sila_name(model.arch), kwargs) if prunable else None
         rows.append(size_row(k, model.taps[k - 1], params, base))
     return rows
 
@@ -79,13 +80,10 @@ def model_info(model: str, num_classes: int, img_size: Optional[int] = None, set
                taps: Optional[Sequence[Union[int, str]]] = None, head: Optional[str] = None,
                **model_kwargs) -> Dict[str, Any]:
     """Table 3 for an architecture before training: `branch_sizes` of sila_<model> plus the training-time total."""
-    name = model.split('.', 1)[0]
-    name = name if name.startswith('sila_') else f'sila_{name}'
+    name = sila_name(model)
     if not timm.is_model(name):
         raise ValueError(f'Unknown model {model!r}; see timm.list_models().')
-    sila = {k: v for k, v in (('sila_sets', sets), ('sila_taps', list(taps) if taps else None),
-                              ('sila_head', head)) if v is not None}
-    kwargs = dict(model_kwargs, num_classes=num_classes, **sila)
+    kwargs = dict(model_kwargs, num_classes=num_classes, **sila_kwargs(sets=sets, taps=taps or None, head=head))
     net = _build_for_counting(name, img_size, kwargs)
     train = count_params(net)
     return dict(model=name, arch=net.arch, num_classes=num_classes, img_size=img_size, sets=net.sets,
