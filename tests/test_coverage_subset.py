@@ -13,6 +13,8 @@ import timm
 
 from conftest import REPRESENTATIVE
 
+pytestmark = pytest.mark.slow  # over 20 s on two busy cores (module fixture / process start-up)
+
 _PATH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'coverage.py'
 _spec = importlib.util.spec_from_file_location('sila_coverage', _PATH)
 coverage = importlib.util.module_from_spec(_spec)

@@ -58,6 +58,7 @@ def test_onnx_branch0_from_strip_folder(sila_r18, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['b0', 'b0.onnx']
 
 
+@pytest.mark.slow
 def test_onnx_branch1_from_checkpoint(sila_r18, tmp_path):
     net, ckpt, x = sila_r18
     out = tmp_path / 'b1.onnx'
@@ -81,6 +82,7 @@ def test_pt2_round_trip_branch1(sila_r18, tmp_path):
     assert rel_diff(got, branch_logits(net, x, 1)) < MEASURED_BOUND
 
 
+@pytest.mark.slow
 def test_onnx_convnext_branch1(tmp_path):
     torch.manual_seed(0)
     net = timm.create_model('sila_convnext_atto', num_classes=10).eval()
@@ -150,6 +152,7 @@ def test_bad_requests_fail_before_exporting(sila_r18, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['taken.pt2']
 
 
+@pytest.mark.slow
 def test_cli_handler_json_is_the_only_stdout(tmp_path, capsys):
     import argparse
     import json

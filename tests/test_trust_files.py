@@ -436,6 +436,7 @@ print('done', flush=True)
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == 'win32', reason='flock')
 def test_two_concurrent_writers_one_wins(tmp_path):
     out, go_on = tmp_path / 'out', tmp_path / 'go-on'
