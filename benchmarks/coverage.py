@@ -5,6 +5,7 @@
     python benchmarks/coverage.py --archs resnet18,levit_128s --no-doc
     python benchmarks/coverage.py --report-only       # rewrite docs/coverage.md from the results file
     python benchmarks/coverage.py --jobs 2 --export   # also the ONNX export checks (about doubles the time)
+    python benchmarks/coverage.py --jobs 2 --export-only  # add the ONNX checks to the results already there
 
 Families come from `timm.list_models()`: family = (name prefix, timm module). The prefix is the name up to the
 first '_' with a trailing variant number dropped ('resnet50d' -> 'resnet', 'vgg19_bn' -> 'vgg', 'res2net50_14w_8s'
@@ -291,7 +292,7 @@ def verify_fresh(items: Sequence[Dict[str, str]], threads: Optional[int] = None,
 
 
 def check_arch(arch: str, work_dir: Path, setup: Optional[Tuple[Dict[str, Any], Tuple[int, int, int]]] = None,
-               fresh: bool = True, export_checks: bool = True) -> Dict[str, Any]:
+               fresh: bool = True, export_checks: bool = True, export_only: bool = False) -> Dict[str, Any]:
     """Run every check on sila_<arch>; returns the result record (see module docstring).
 
     With fresh=False the strip0 check stops after writing its folder and leaves `result['fresh_item']` for a
@@ -410,11 +411,12 @@ def check_arch(arch: str, work_dir: Path, setup: Optional[Tuple[Dict[str, Any], 
             result.setdefault('onnx_max_abs_diff', {})[str(branch)] = report['max_abs_diff']
         return check
 
-    run('train', train)
-    run('eval0', eval0)
-    run('strip0', strip0)
-    run('strip1', strip1)
-    if export_checks:
+    if not export_only:
+        run('train', train)
+        run('eval0', eval0)
+        run('strip0', strip0)
+        run('strip1', strip1)
+    if export_checks or export_only:
         for k in (0, 1):
             run(f'onnx{k}', onnx(k))
     result.update(seconds=round(time.time() - start, 1))
@@ -451,13 +453,25 @@ def _child_env(threads: int) -> Dict[str, str]:
     return env
 
 
+def _merge_export(core: Dict[str, Any], rec: Dict[str, Any]) -> Dict[str, Any]:
+    """`core` (a full record) with the ONNX checks of an --export-only run `rec` (a crash or timeout of that run
+    is recorded as both ONNX checks failing with its reason)."""
+    merged = dict(core, checks=dict(core['checks']))
+    for c in EXPORT_CHECKS:
+        merged['checks'][c] = rec['checks'].get(c) or dict(status='fail', reason=f"{rec['check']}: {rec['reason']}")
+    if rec.get('onnx_max_abs_diff'):
+        merged['onnx_max_abs_diff'] = rec['onnx_max_abs_diff']
+    return merged
+
+
 def _run_child(arch: str, family: str, params: Optional[int], timeout: float, threads: int,
-               export_checks: bool = False) -> Dict[str, Any]:
+               export_checks: bool = False, export_only: bool = False) -> Dict[str, Any]:
     start = time.time()
     base = dict(arch=arch, family=family, params=params)
     with tempfile.TemporaryDirectory(prefix='sila-coverage-') as tmp:
         cmd = [sys.executable, __file__, '--child', arch, '--work', tmp, '--threads', str(threads)]
         cmd += ['--export'] if export_checks else []
+        cmd += ['--export-only'] if export_only else []
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env(threads))
         except subprocess.TimeoutExpired:
@@ -482,20 +496,28 @@ def load_results(path: Path) -> Dict[str, Dict[str, Any]]:
 
 
 def sweep(pairs: List[Tuple[str, str]], counts: Dict[str, Optional[int]], results_path: Path, jobs: int,
-          timeout: float, threads: int, force: bool, export_checks: bool = False) -> Dict[str, Dict[str, Any]]:
+          timeout: float, threads: int, force: bool, export_checks: bool = False,
+          export_only: bool = False) -> Dict[str, Dict[str, Any]]:
     import timm
     done = load_results(results_path)
-    todo = [(f, a) for f, a in pairs if force or a not in done or done[a].get('timm') != timm.__version__]
+    if export_only:  # add the ONNX checks to architectures whose core checks are recorded and built
+        todo = [(f, a) for f, a in pairs if a in done and 'build' in done[a]['checks']
+                and done[a]['checks']['build']['status'] == 'pass' and (force or 'onnx0' not in done[a]['checks'])]
+    else:
+        todo = [(f, a) for f, a in pairs if force or a not in done or done[a].get('timm') != timm.__version__]
     todo.sort(key=lambda fa: (counts.get(fa[1]) is None, counts.get(fa[1]) or 0))  # small (fast) models first
+    what = 'get the ONNX checks' if export_only else 'to run'
     print(f'{len(pairs)} architectures selected, {len(pairs) - len(todo)} already in {results_path}, '
-          f'{len(todo)} to run with {jobs} job(s)', flush=True)
+          f'{len(todo)} {what} with {jobs} job(s)', flush=True)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     n = [0]
 
     def one(pair):
         family, arch = pair
-        rec = _run_child(arch, family, counts.get(arch), timeout, threads, export_checks)
+        rec = _run_child(arch, family, counts.get(arch), timeout, threads, export_checks, export_only)
         rec.setdefault('timm', timm.__version__)
+        if export_only:
+            rec = _merge_export(done[arch], rec)
         with open(results_path, 'a') as f:
             f.write(json.dumps(rec) + '\n')
         done[arch] = rec
@@ -650,12 +672,12 @@ def _failure_class(reason: str) -> str:
 
 
 # --- command line --------------------------------------------------------------------------------------------
-def _child_main(arch: str, work: str, threads: int, export_checks: bool) -> None:
+def _child_main(arch: str, work: str, threads: int, export_checks: bool, export_only: bool) -> None:
     import warnings
     import torch
     warnings.filterwarnings('ignore')
     torch.set_num_threads(threads)
-    rec = check_arch(arch, Path(work), export_checks=export_checks)
+    rec = check_arch(arch, Path(work), export_checks=export_checks, export_only=export_only)
     print(_MARK + json.dumps(rec), flush=True)
 
 
@@ -675,6 +697,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--report-only', action='store_true', help='write the report from the results file only')
     p.add_argument('--export', action='store_true',
                    help='also export branches 0 and 1 to ONNX and check them in onnxruntime (about doubles the time)')
+    p.add_argument('--export-only', action='store_true',
+                   help='add the ONNX checks to architectures already in the results (core checks kept)')
     p.add_argument('--child', help=argparse.SUPPRESS)
     p.add_argument('--work', help=argparse.SUPPRESS)
     p.add_argument('--count-params', help=argparse.SUPPRESS)
@@ -682,7 +706,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
 
     if args.child:
-        _child_main(args.child, args.work, args.threads, args.export)
+        _child_main(args.child, args.work, args.threads, args.export, args.export_only)
         return 0
     if args.count_params:
         print(json.dumps(_count_params_meta(json.loads(Path(args.count_params).read_text()), args.count_label)))
@@ -713,7 +737,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.limit:
         pairs = pairs[:args.limit]
     if not args.report_only:
-        records = sweep(pairs, counts, args.results, args.jobs, args.timeout, args.threads, args.force, args.export)
+        records = sweep(pairs, counts, args.results, args.jobs, args.timeout, args.threads, args.force, args.export,
+                        args.export_only)
     else:
         records = load_results(args.results)
     if not args.no_doc and not args.families and not args.archs and not args.limit:
