@@ -350,6 +350,7 @@ def main():
         label = f'create_model sila_{arch} / {arch} N={classes}'
         if wanted(label):
             import timm
+            import timm_sila  # noqa: F401  (registers sila_*)
             with torch.device('meta'):
                 counts = [sum(p.numel() for p in timm.create_model(n, num_classes=classes).parameters())
                           for n in (f'sila_{arch}', arch)]
