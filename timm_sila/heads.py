@@ -32,23 +32,22 @@ def shifted_window_means(x: torch.Tensor) -> torch.Tensor:
 
 
 def _window_sums(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, 3, 3) sums of x over rows R_i × cols C_j (inclusion-exclusion from edge sums and corners).
+    """(B, C, 3, 3) sums of x over rows R_i × cols C_j by inclusion-exclusion: S[i, j] = K[i, j] - row_i - col_j +
+    total, where row_i / col_j is the sum of the row / column that offset i / j excludes (the last, none, the first)
+    and K[i, j] the corner both exclude (0 where i or j = 1).
 
-    Built in place in one (B, C, 3, 3) buffer: on small maps this buffer is larger than x itself.
+    Built from slices, sums and stacks only (no indexed writes), so torch.export / ONNX hold it as plain
+    reductions; subtracting the zero rows and columns is exact, so every order of evaluation gives the same bits.
     """
-    b, c = x.shape[:2]
-    s = x.new_zeros(b, c, 3, 3)
-    # corners shared by the excluded row and column of each (i, j) with i, j in {0, 2}
-    s[:, :, 0, 0] = x[:, :, -1, -1]
-    s[:, :, 0, 2] = x[:, :, -1, 0]
-    s[:, :, 2, 0] = x[:, :, 0, -1]
-    s[:, :, 2, 2] = x[:, :, 0, 0]
-    # rows/cols excluded by kernel offset i = 0, 1, 2: the last one, none, the first one
-    s[:, :, 0, :] -= x[:, :, -1, :].sum(-1, keepdim=True)
-    s[:, :, 2, :] -= x[:, :, 0, :].sum(-1, keepdim=True)
-    s[:, :, :, 0] -= x[:, :, :, -1].sum(-1, keepdim=True)
-    s[:, :, :, 2] -= x[:, :, :, 0].sum(-1, keepdim=True)
-    return s.add_(x.sum((2, 3))[:, :, None, None])
+    zero = x.new_zeros(x.shape[:2])
+    rows = torch.stack([x[:, :, -1, :].sum(-1), zero, x[:, :, 0, :].sum(-1)], -1)  # (B, C, 3)
+    cols = torch.stack([x[:, :, :, -1].sum(-1), zero, x[:, :, :, 0].sum(-1)], -1)
+    corners = torch.stack([
+        torch.stack([x[:, :, -1, -1], zero, x[:, :, -1, 0]], -1),
+        torch.stack([zero, zero, zero], -1),
+        torch.stack([x[:, :, 0, -1], zero, x[:, :, 0, 0]], -1),
+    ], -2)  # (B, C, 3, 3)
+    return corners.sub(rows[:, :, :, None]).sub(cols[:, :, None, :]).add(x.sum((2, 3))[:, :, None, None])
 
 
 def _by_position_class(g: torch.Tensor, dim: int, n: int) -> torch.Tensor:
@@ -72,7 +71,7 @@ class _ShiftedWindowMeans(torch.autograd.Function):
     def forward(ctx, x):
         h, w = x.shape[-2:]
         ctx.x_meta = (x.shape, x.dtype, x.device, _memory_format(x))
-        return _window_sums(x).div_(h * w)
+        return _window_sums(x).div(h * w)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
