@@ -80,6 +80,7 @@ def test_model_name_random_weights_and_bad_input(net):
         bench_branches(net, metrics=dict(rows=[]), **FAST)
 
 
+@pytest.mark.slow
 def test_onnxruntime_runtime(tmp_path):
     pytest.importorskip('onnxruntime', reason='needs pip install "timm-sila[export]"')
     torch.manual_seed(0)

@@ -167,6 +167,7 @@ def test_debug_shows_the_exception(tmp_path):
             main(argv)
 
 
+@pytest.mark.slow
 def test_console_script(tmp_path):
     script = Path(sys.executable).parent / 'timm-sila'
     assert script.exists(), 'console script missing: pip install -e .'

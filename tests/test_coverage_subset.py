@@ -13,7 +13,7 @@ import timm
 
 from conftest import REPRESENTATIVE
 
-pytestmark = pytest.mark.slow  # over 20 s on two busy cores (module fixture / process start-up)
+pytestmark = pytest.mark.slow  # module set-up of 9-34 s (see the slow marker in pyproject.toml)
 
 _PATH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'coverage.py'
 _spec = importlib.util.spec_from_file_location('sila_coverage', _PATH)

@@ -78,6 +78,7 @@ print(json.dumps(dict(equal=equal, cls=type(a).__name__,
 '''
 
 
+@pytest.mark.slow
 def test_branch0_loads_bitwise_equal_in_plain_timm(trained, tmp_path):
     net, x = trained
     out = strip(net, branch=0, out_dir=tmp_path / 'b0')

@@ -64,7 +64,6 @@ def test_base_and_sila_share_init_batches_and_augmentation():
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
-@pytest.mark.slow
 def test_end_to_end_one_epoch(tmp_path):
     out = tmp_path / 'run'
     data = _tiny_data()

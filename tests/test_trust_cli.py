@@ -245,7 +245,6 @@ def test_permission_denied_is_one_line_and_writes_nothing(work, capfd):
 
 
 # --- --json: stdout is the JSON document and nothing else -------------------------------------------------------
-@pytest.mark.slow
 def test_json_output_is_never_mixed_with_other_text(work, capfd):
     runs = [
         ['info', 'sila_resnet18', '--num-classes', '2', '--json'],
