@@ -583,7 +583,7 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
            if not_run else ''),
         '',
         f'**ONNX export** (`timm_sila.export(..., format="onnx")`, onnxruntime parity; run for {len(exported)} of '
-        f'the {total} families, those swept with `--export`): branch 0 passes for {onnx_ok[0]} / {len(exported)}, '
+        f'the {total} families, those swept with `--export` or `--export-only`): branch 0 passes for {onnx_ok[0]} / {len(exported)}, '
         f'branch 1 for {onnx_ok[1]} / {len(exported)}.',
         '',
         'Checks, in order (a row shows the first one that did not pass):',
