@@ -175,12 +175,18 @@ def test_architecture_without_pruning_exports_branch0_only(trained, tmp_path):
 
 
 # --- checkpoint files ---------------------------------------------------------------------------------------
-def test_train_checkpoint_with_ema(trained, tmp_path):
-    net, x = trained
+def ema_like(net):
+    """A copy of `net` with every parameter nudged, standing in for EMA weights that differ from the model's."""
     ema = copy.deepcopy(net)
     with torch.no_grad():
         for p in ema.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    return ema
+
+
+def test_train_checkpoint_with_ema(trained, tmp_path):
+    net, x = trained
+    ema = ema_like(net)
     path = train_checkpoint(tmp_path / 'last.pth.tar', net, ema_net=ema)
     plain = load_stripped(strip(path, branch=0, out_dir=tmp_path / 'plain'))
     averaged = load_stripped(strip(path, branch=1, out_dir=tmp_path / 'ema', ema=True))
@@ -219,10 +225,7 @@ def test_compiled_and_ddp_model_keys_are_cleaned_as_timm_does(trained, tmp_path,
 
 def test_model_ema_key_holds_ema_weights_as_for_timm(trained, tmp_path):
     net, x = trained
-    ema = copy.deepcopy(net)
-    with torch.no_grad():
-        for p in ema.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    ema = ema_like(net)
     path = train_checkpoint(tmp_path / 'ckpt.pth.tar', net)
     ckpt = torch.load(path, weights_only=False)
     ckpt['model_ema'] = {f'_orig_mod.{k}': v for k, v in ema.state_dict().items()}
