@@ -4,6 +4,7 @@ CI installs the newest timm setup.cfg's bound admits."""
 import importlib.metadata
 import json
 
+import pytest
 import torch
 from packaging.requirements import Requirement
 
@@ -71,3 +72,37 @@ def test_save_config_for_hf_writes_what_timm_reads_back(tmp_path):
     save_file(model.state_dict(), str(tmp_path / 'model.safetensors'))
     again = timm.create_model(f'local-dir:{tmp_path}', pretrained=True)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_every_entrypoint_that_branches_on_pretrained_is_pinned():
+    """A timm entrypoint that builds another module for pretrained=True (as `local-dir:` loading calls it) would
+    reload a stripped folder as a different model; each one must be in the pin table."""
+    import inspect
+    import re
+    from timm.models import _registry
+    branching = sorted(name for name, fn in _registry._model_entrypoints.items()
+                       if re.search(r'\bif\s+pretrained\s*:', inspect.getsource(fn)))
+    assert branching == sorted(timm_compat._PRETRAINED_DEPENDENT), (
+        f'timm {timm.__version__}: entrypoints that branch on pretrained {branching} differ from the pinned '
+        f'{sorted(timm_compat._PRETRAINED_DEPENDENT)}; add a pin to timm_compat._PRETRAINED_DEPENDENT.')
+
+
+@pytest.mark.parametrize('bn_eps', [None, 1e-3], ids=['default-eps', 'pretrained-eps'])
+def test_fbnetc_strips_to_folders_that_plain_timm_reloads_as_the_same_model(tmp_path, bn_eps):
+    """fbnetc_100 sets bn_eps=1e-3 only when pretrained=True: a folder must reload with the eps it was trained with."""
+    import timm_sila
+    kwargs = {} if bn_eps is None else dict(bn_eps=bn_eps)
+    torch.manual_seed(0)
+    net = timm.create_model('sila_fbnetc_100', num_classes=10, **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for branch in (0, 1):
+        net.branch = branch
+        with torch.no_grad():
+            ref = net(x)
+        folder = timm_sila.strip(net, branch=branch, out_dir=tmp_path / f'b{branch}', card=False)
+        model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+        with torch.no_grad():
+            out = model(x)
+        eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+        assert eps == {bn_eps or 1e-5}, f'branch {branch} reloaded with BN eps {eps}'
+        assert torch.equal(out, ref), f'branch {branch}: max |diff| {(out - ref).abs().max()}'

@@ -24,7 +24,7 @@ from .checkpoint import (
 from .config import (
     sila_name, check_file_architecture, sanitize_file_data_config, sanitize_file_model_kwargs)
 from .model import SilaNet, prune_base
-from .timm_compat import model_args, save_config_for_hf
+from .timm_compat import model_args, pinned_args, save_config_for_hf
 
 __all__ = ['strip', 'load_stripped', 'export_model']
 
@@ -38,8 +38,10 @@ EXPORTED_CFG_KEYS = ('input_size', 'test_input_size', 'min_input_size', 'fixed_i
 # data config fields of a config.json that load_stripped puts into the model's pretrained_cfg
 _CFG_DATA_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
 def _base_args(net: SilaNet) -> Dict[str, Any]:
-    """The create_model kwargs of the base, as timm recorded them; num_classes always the current one."""
+    """The create_model kwargs of the base, as timm recorded them, plus those that keep its architecture when timm
+    rebuilds it with pretrained=True (`pinned_args`); num_classes always the current one."""
     args = model_args(net.base)
+    args.update(pinned_args(net.arch, net.base))
     args['num_classes'] = net.num_classes
     return args
 

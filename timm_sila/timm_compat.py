@@ -8,7 +8,9 @@ the package allows: tests/test_timm_compat.py, run by CI with the newest one set
 * `copy_traits(src, dst, rename_first_conv)`: give a wrapper the input config timm recorded on the model it wraps;
 * `arch_pretrained_cfgs(arch)`: the public `timm.models.get_arch_pretrained_cfgs` without its deep copies, which
   would cost ~0.6 s at `import timm_sila` (every architecture's cfgs are mirrored for sila_<arch>);
-* `group_with_matcher`, `save_config_for_hf`: timm's layer grouping (for layer-wise LR decay) and config.json writer.
+* `group_with_matcher`, `save_config_for_hf`: timm's layer grouping (for layer-wise LR decay) and config.json writer;
+* `pinned_args(arch, model)`: the kwargs that make timm rebuild `model` as it is, for the entrypoints that build a
+  different module when called with pretrained=True (as `local-dir:` loading does).
 """
 from typing import Any, Callable, Dict
 
@@ -19,9 +21,26 @@ from timm.models._hub import save_config_for_hf
 from timm.models._manipulate import group_with_matcher
 
 __all__ = ['model_args', 'built_by_timm', 'copy_traits', 'arch_pretrained_cfgs', 'group_with_matcher',
-           'save_config_for_hf', 'TESTED_TIMM']
+           'save_config_for_hf', 'pinned_args', 'TESTED_TIMM']
 
 TESTED_TIMM = '1.0.31'  # the newest timm these internals were checked against (setup.cfg: timm>=1.0.31,<1.1)
+
+
+def _bn_eps(model: nn.Module) -> Dict[str, Any]:
+    norm = next((m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+    return {} if norm is None else {'bn_eps': norm.eps}
+
+
+# Entrypoints whose module depends on `pretrained` (timm 1.0.31: fbnetc_100 sets bn_eps=1e-3 for its weights):
+# {arch: fn(model) -> kwargs that rebuild model's own choice whatever `pretrained` is}.
+_PRETRAINED_DEPENDENT: Dict[str, Callable[[nn.Module], Dict[str, Any]]] = {'fbnetc_100': _bn_eps}
+
+
+def pinned_args(arch: str, model: nn.Module) -> Dict[str, Any]:
+    """Kwargs for timm.create_model(arch, ...) that rebuild `model`'s architecture with pretrained=True or False
+    ({} for the architectures whose module does not depend on `pretrained`)."""
+    pin = _PRETRAINED_DEPENDENT.get(arch)
+    return pin(model) if pin is not None else {}
 
 
 def model_args(model: nn.Module) -> Dict[str, Any]:
