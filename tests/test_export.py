@@ -176,3 +176,34 @@ def test_export_check_reports_success_and_reason():
     assert ok and reason.startswith('max |delta|')
     ok, reason = export_check('resnet18', 32, 5, format='pt2')
     assert not ok and 'ValueError' in reason and 'branch' in reason
+
+
+class DataDependent(nn.Module):
+    """Control flow on tensor values: torch.export cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        y = self.fc(x.mean((2, 3)))
+        return y if y.sum() > 0 else -y
+
+
+def test_torch_failure_is_one_line_naming_the_root_cause(tmp_path):
+    from timm_sila.export import ExportError, _torch_failure
+    try:
+        try:
+            raise ValueError('Cannot view a tensor with shape (s0, 3)\nWhile executing %view ...')
+        except ValueError as inner:
+            raise RuntimeError('Failed to decompose. \x1b[96mThis is step 2/3\x1b[0m of exporting. Next steps:\n'
+                               '- Create an issue') from inner
+    except RuntimeError as e:
+        assert _torch_failure(e) == ('RuntimeError: Failed to decompose. '
+                                     'Cause: ValueError: Cannot view a tensor with shape (s0, 3)')
+    with pytest.raises(ExportError) as e:
+        export(DataDependent(), 0, 'pt2', tmp_path / 'm.pt2', img_size=8)
+    message = str(e.value)
+    assert message.startswith('torch.export cannot trace DataDependent branch 0: ')
+    assert '\n' not in message and '\x1b' not in message
+    assert os.listdir(tmp_path) == []

@@ -23,6 +23,7 @@ ONNX needs the optional extra `pip install timm-sila[export]` (onnx, onnxscript,
 """
 import contextlib
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -51,7 +52,8 @@ class MissingExtraError(ImportError, ValueError):
 
 
 class ExportError(ValueError):
-    """torch could not export the model (an op, control flow or shape it cannot trace or convert)."""
+    """torch could not export the model (an op, control flow or shape it cannot trace or convert), or the runtime
+    could not load the file torch wrote."""
 
 
 class ExportParityError(ValueError):
@@ -172,6 +174,25 @@ def _check_out(out: Union[str, Path, None], fmt: str, overwrite: bool, source: A
     return out
 
 
+_ANSI = re.compile(r'\x1b\[[0-9;]*m')
+
+
+def _torch_failure(err: BaseException) -> str:
+    """'Type: first line' of a torch export error, and of its root cause (what the model does that torch cannot),
+    without terminal colours or torch's 'Next steps' boilerplate."""
+    def line(e: BaseException) -> str:
+        text = _ANSI.sub('', _first_line(e))
+        return f"{type(e).__name__}: {text.split(' This is step ')[0].split(' Next steps:')[0].strip()}"
+    root, seen = err, {id(err)}
+    while True:
+        nxt = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
+        if nxt is None or id(nxt) in seen:
+            break
+        root = nxt
+        seen.add(id(root))
+    return line(err) if root is err else f'{line(err)} Cause: {line(root)}'
+
+
 def _export_program(model: nn.Module, x: torch.Tensor, what: str) -> Any:
     """torch.export of `model` on example `x` with a dynamic batch dimension; ExportError when torch cannot."""
     batch = torch.export.Dim('batch', min=1)
@@ -179,7 +200,7 @@ def _export_program(model: nn.Module, x: torch.Tensor, what: str) -> Any:
         with torch.no_grad():
             return torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
     except Exception as e:  # torch raises many types (UserError, Unsupported, RuntimeError, ...): report, keep cause
-        raise ExportError(f'torch.export cannot trace {what}: {type(e).__name__}: {_first_line(e)}') from e
+        raise ExportError(f'torch.export cannot trace {what}: {_torch_failure(e)}') from e
 
 
 @contextlib.contextmanager
@@ -260,8 +281,7 @@ def export(
                 onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False,
                                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
         except Exception as e:
-            raise ExportError(f'torch.onnx cannot convert {what} to ONNX opset {opset}: {type(e).__name__}: '
-                              f'{_first_line(e)}') from e
+            raise ExportError(f'torch.onnx cannot convert {what} to ONNX opset {opset}: {_torch_failure(e)}') from e
     largest = max(float(y.abs().max()) for y in expected)
     tolerance = float(atol) if atol is not None else DEFAULT_RTOL * max(1.0, largest)
     diffs: Dict[int, float] = {}
@@ -270,11 +290,20 @@ def export(
         if format == 'onnx':
             _, ort = require_onnx()
             onnx_program.save(str(tmp), external_data=False)
-            session = ort.InferenceSession(str(tmp), providers=['CPUExecutionProvider'])
+            try:
+                session = ort.InferenceSession(str(tmp), providers=['CPUExecutionProvider'])
+            except Exception as e:  # onnxruntime rejects graphs torch.onnx wrote (e.g. a dangling node input)
+                raise ExportError(f'onnxruntime cannot load the ONNX graph torch.onnx wrote for {what} (opset '
+                                  f'{opset}): {_torch_failure(e).replace(str(tmp), "<file>")}; nothing was '
+                                  f'written.') from e
             run = lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
         else:
             torch.export.save(program, str(tmp))
-            reloaded = torch.export.load(str(tmp)).module()
+            try:
+                reloaded = torch.export.load(str(tmp)).module()
+            except Exception as e:
+                raise ExportError(f'torch.export.load cannot reload the .pt2 of {what}: {_torch_failure(e)}; '
+                                  f'nothing was written.') from e
             run = lambda x: reloaded(x).detach()
         for x, y in zip(batches, expected):
             try:
