@@ -486,12 +486,18 @@ def _run_child(arch: str, family: str, params: Optional[int], timeout: float, th
 
 
 def load_results(path: Path) -> Dict[str, Dict[str, Any]]:
+    """{arch: latest record}; a line cut short (a sweep killed mid-append, a full disk) is skipped with a warning,
+    so that architecture is simply run again."""
     out = {}
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for n, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
-                rec = json.loads(line)
-                out[rec['arch']] = rec  # later lines win (a --force rerun)
+                try:
+                    rec = json.loads(line)
+                    out[rec['arch']] = rec  # later lines win (a --force rerun)
+                except (ValueError, KeyError, TypeError):
+                    print(f'{path}:{n}: not a whole result record, skipped (that architecture runs again)',
+                          file=sys.stderr)
     return out
 
 
@@ -518,7 +524,7 @@ def sweep(pairs: List[Tuple[str, str]], counts: Dict[str, Optional[int]], result
         rec.setdefault('timm', timm.__version__)
         if export_only:
             rec = _merge_export(done[arch], rec)
-        with open(results_path, 'a') as f:
+        with open(results_path, 'a') as f:  # one write per record; load_results skips a line cut short
             f.write(json.dumps(rec) + '\n')
         done[arch] = rec
         n[0] += 1
@@ -643,7 +649,8 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
             lines.append(f"| {_md(family)} | {r['arch']} | {params} | {size} | {_md(taps)} | {res} | "
                          f"{_md(r.get('reason', ''))} | {onnx} |")
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text('\n'.join(lines) + '\n')
+    from timm_sila.atomic import atomic_write_file  # whole report or the previous one
+    atomic_write_file(doc, lambda tmp: tmp.write_text('\n'.join(lines) + '\n'))
     return dict(families=total, passed=passed, refused=refused, tried=tried)
 
 

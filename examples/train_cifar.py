@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import timm
 import timm_sila
+from timm_sila.atomic import atomic_write_file
 from timm_sila.evaluation import evaluate, format_eval
 
 PAPER_MILESTONES = [30, 55, 80, 105, 135, 160, 180, 200, 220, 240]
@@ -211,12 +212,19 @@ def accuracies(result: Dict) -> Dict[str, float]:
 def write_logs(out: Path, runs: List[Run], meta: Dict) -> None:
     rows = [dict(run=r.name, **row) for r in runs for row in r.rows]
     fields = list(dict.fromkeys(k for row in rows for k in row))
-    with open(out / 'log.csv', 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(out / 'log.json', 'w') as f:
-        json.dump(dict(meta, epochs=rows), f, indent=2)
+
+    def csv_log(tmp: Path) -> None:
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write_file(out / 'log.csv', csv_log)  # whole or the previous log: a full disk never leaves half a file
+    write_json(out / 'log.json', dict(meta, epochs=rows))
+
+
+def write_json(path: Path, obj: Dict) -> None:
+    atomic_write_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
 def plot_curves(out: Path, runs: List[Run], title: str) -> Optional[Path]:
@@ -445,8 +453,7 @@ def main(argv=None, data: Optional[Dict] = None) -> Dict:
                                      overwrite=True)
             final[f'branch{branch}_dir'] = str(folder)
             print(f'stripped branch {branch} -> {folder}')
-    with open(out / 'results.json', 'w') as f:
-        json.dump(final, f, indent=2)
+    write_json(out / 'results.json', final)
     print(f'logs: {out / "log.csv"}, {out / "log.json"}, {png or "(no PNG: pip install matplotlib)"}; '
           f'results: {out / "results.json"}')
     return final

@@ -290,3 +290,22 @@ def test_coverage_param_count_shows_progress(capsys, tmp_path):
     captured = capsys.readouterr()
     assert 'counting parameters of 3 architectures' in captured.err and 'counted 3' in captured.err
     assert captured.out == ''
+
+
+def test_coverage_results_line_cut_short_is_skipped_and_the_report_written_whole(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('sila_coverage', REPO / 'benchmarks' / 'coverage.py')
+    coverage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(coverage)
+    results = tmp_path / 'results.jsonl'
+    whole = dict(arch='test_resnet', family='test', status='pass', check=None, reason='', checks={})
+    results.write_text(json.dumps(whole) + '\n' + json.dumps(dict(whole, arch='test_vit'))[:40])  # killed mid-append
+    assert list(coverage.load_results(results)) == ['test_resnet']
+    assert f'{results}:2: not a whole result record, skipped' in capsys.readouterr().err
+    doc = tmp_path / 'coverage.md'
+    doc.write_text('previous report')
+    coverage.write_report(coverage.load_results(results), [('test', 'test_resnet'), ('test', 'test_vit')], doc,
+                          'python benchmarks/coverage.py')
+    text = doc.read_text()
+    assert text.startswith('# Coverage') and 'test_resnet' in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['coverage.md', 'results.jsonl']  # no temp left behind
