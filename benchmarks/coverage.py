@@ -564,12 +564,12 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
     exported = {f: recs for f, recs in by_family.items() if all('onnx0' in r['checks'] for r in recs)}
     onnx_ok = {k: sum(all(r['checks'].get(f'onnx{k}', {}).get('status') == 'pass' for r in recs)
                       for recs in exported.values()) for k in (0, 1)}
-    export_classes = defaultdict(list)
+    export_classes = defaultdict(lambda: defaultdict(list))  # (stage, cause) -> {arch: [failing branches]}
     for recs in exported.values():
         for r in recs:
-            for c in EXPORT_CHECKS:
+            for k, c in enumerate(EXPORT_CHECKS):
                 if r['checks'][c]['status'] != 'pass':
-                    export_classes[(c, _failure_class(r['checks'][c]['reason']))].append(r['arch'])
+                    export_classes[_export_failure(r['checks'][c]['reason'])][r['arch']].append(f'b{k}')
     classes = defaultdict(list)
     for recs in by_family.values():
         for r in recs:
@@ -629,10 +629,13 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
             lines.append(f'| {status} | {check} | {_md(reason)} | {len(archs)}: {", ".join(sorted(archs))} |')
         lines.append('')
     if export_classes:
-        lines += ['## ONNX export failures', '', '| check | reason (numbers and names blanked) | architectures |',
-                  '|---|---|---|']
-        for (check, reason), archs in sorted(export_classes.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-            lines.append(f'| {check} | {_md(reason)} | {len(archs)}: {", ".join(sorted(archs))} |')
+        lines += ['## ONNX export failures', '',
+                  'Grouped by the step that failed and its root cause (numbers and names blanked). A failure of '
+                  'branch 0, the unchanged timm model, is torch\'s or the architecture\'s, not the plugin\'s.', '',
+                  '| failing step | root cause | architectures (branches) |', '|---|---|---|']
+        for (stage, cause), archs in sorted(export_classes.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            names = ', '.join(f'{a} ({"/".join(b)})' for a, b in sorted(archs.items()))
+            lines.append(f'| {stage} | {_md(cause)} | {len(archs)}: {names} |')
         lines.append('')
     lines += ['## Families', '',
               '| family | architecture | params | input | sets / taps | result | reason | ONNX b0 / b1 |',
@@ -676,6 +679,25 @@ def _failure_class(reason: str) -> str:
     text = re.sub(r'\[[^\]]*\]', '[…]', text)
     text = re.sub(r'\d+(\.\d+)?(e-?\d+)?', 'N', text)
     return _one_line(text, 160)
+
+
+# (text in an export failure, the step it names) in pipeline order; see timm_sila.export
+_EXPORT_STEPS = (('torch.export cannot trace', 'torch.export tracing'),
+                 ('Failed to decompose', 'torch.onnx FX decomposition'),
+                 ('Failed to convert the exported program', 'torch.onnx conversion'),
+                 ('onnxruntime cannot load', 'onnxruntime loading'),
+                 ('fails to run', 'running the exported file'),
+                 ('disagrees with PyTorch', 'parity'))
+
+
+def _export_failure(reason: str) -> Tuple[str, str]:
+    """(failing step, blanked root cause) of an export check's reason, so like failures group together."""
+    step = next((name for text, name in _EXPORT_STEPS if text in reason), 'other')
+    cause = reason.split(' Cause: ', 1)[1] if ' Cause: ' in reason else reason.split(': ', 2)[-1]
+    cause = re.sub(r'\s*\[[\w.]+\.py:\d+\]$', '', cause)  # the "[file.py:line]" of _outcome
+    cause = _failure_class(cause)
+    # recorded reasons are cut at a fixed length, so a long cause keeps a varying tail: group on a fixed prefix
+    return step, cause if len(cause) <= 80 else cause[:80].rstrip() + " …"
 
 
 # --- command line --------------------------------------------------------------------------------------------

@@ -309,3 +309,19 @@ def test_coverage_results_line_cut_short_is_skipped_and_the_report_written_whole
     text = doc.read_text()
     assert text.startswith('# Coverage') and 'test_resnet' in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ['coverage.md', 'results.jsonl']  # no temp left behind
+
+
+def test_coverage_groups_export_failures_by_step_and_root_cause():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('sila_coverage', REPO / 'benchmarks' / 'coverage.py')
+    coverage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(coverage)
+    long = ('ExportError: torch.onnx cannot convert {} to ONNX opset 18: ConversionError: Failed to decompose the FX '
+            'graph for ONNX compatibility. Cause: ValueError: Cannot view a tensor with shape torch.Size([s77, {}, 3, '
+            '32]) and strides (384, 32, 128, 1) as a tensor with shape (s77, 4, 96)! [export.py:284]')
+    a = coverage._export_failure(long.format('beit_base_patch16_224 branch 0', 5))
+    b = coverage._export_failure(long.format('sila_test_vit_relpos branch 1', 4)[:330])  # recorded reasons are cut
+    assert a == b and a[0] == 'torch.onnx FX decomposition' and a[1].startswith('ValueError: Cannot view a tensor')
+    assert coverage._export_failure('ExportError: torch.export cannot trace sila_x branch 1: '
+                                    'GuardOnDataDependentSymNode: data-dependent u0 [export.py:203]') == (
+        'torch.export tracing', 'GuardOnDataDependentSymNode: data-dependent uN')
