@@ -278,11 +278,17 @@ def test_coverage_report_only_without_results_refuses_and_keeps_the_report(tmp_p
     assert doc.read_bytes() == before
 
 
-def test_coverage_param_count_shows_progress(capsys, tmp_path):
+def _coverage_module():
+    """benchmarks/coverage.py imported as a module (it is a script, not part of the package)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location('sila_coverage', REPO / 'benchmarks' / 'coverage.py')
     coverage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(coverage)
+    return coverage
+
+
+def test_coverage_param_count_shows_progress(capsys, tmp_path):
+    coverage = _coverage_module()
     names = timm.list_models('test_*')[:3]
     counts = coverage.param_counts(tmp_path / 'params.json', names=names)
     assert set(counts) == set(names)
@@ -293,10 +299,7 @@ def test_coverage_param_count_shows_progress(capsys, tmp_path):
 
 
 def test_coverage_results_line_cut_short_is_skipped_and_the_report_written_whole(tmp_path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('sila_coverage', REPO / 'benchmarks' / 'coverage.py')
-    coverage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(coverage)
+    coverage = _coverage_module()
     results = tmp_path / 'results.jsonl'
     whole = dict(arch='test_resnet', family='test', status='pass', check=None, reason='', checks={})
     results.write_text(json.dumps(whole) + '\n' + json.dumps(dict(whole, arch='test_vit'))[:40])  # killed mid-append
@@ -312,10 +315,7 @@ def test_coverage_results_line_cut_short_is_skipped_and_the_report_written_whole
 
 
 def test_coverage_groups_export_failures_by_step_and_root_cause():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('sila_coverage', REPO / 'benchmarks' / 'coverage.py')
-    coverage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(coverage)
+    coverage = _coverage_module()
     long = ('ExportError: torch.onnx cannot convert {} to ONNX opset 18: ConversionError: Failed to decompose the FX '
             'graph for ONNX compatibility. Cause: ValueError: Cannot view a tensor with shape torch.Size([s77, {}, 3, '
             '32]) and strides (384, 32, 128, 1) as a tensor with shape (s77, 4, 96)! [export.py:284]')
