@@ -106,3 +106,35 @@ def test_fbnetc_strips_to_folders_that_plain_timm_reloads_as_the_same_model(tmp_
         eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
         assert eps == {bn_eps or 1e-5}, f'branch {branch} reloaded with BN eps {eps}'
         assert torch.equal(out, ref), f'branch {branch}: max |diff| {(out - ref).abs().max()}'
+
+
+def test_pretrained_form_args_build_what_pretrained_true_builds(tmp_path):
+    from safetensors.torch import save_file
+    for arch in timm_compat._PRETRAINED_DEPENDENT:
+        weights = tmp_path / f'{arch}.safetensors'
+        save_file(timm.create_model(arch, num_classes=10).state_dict(), str(weights))
+        loaded = timm.create_model(arch, num_classes=10, pretrained=True,  # the entrypoint's pretrained branch,
+                                   pretrained_cfg_overlay=dict(file=str(weights), num_classes=10))  # from a local file
+        built = timm.create_model(arch, num_classes=10, **timm_compat.pretrained_form_args(arch))
+        assert timm_compat.pretrained_form_args(arch) and repr(built) == repr(loaded)
+        assert repr(timm.create_model(arch, num_classes=10)) != repr(loaded)
+
+
+@pytest.mark.parametrize('from_pretrained', [False, True])
+def test_trainpy_checkpoint_from_pretrained_fbnetc_rebuilds_its_bn_eps(tmp_path, from_pretrained):
+    """train.py --pretrained builds fbnetc_100 with BN eps 1e-3; its checkpoint must be rebuilt so (and stripped so)."""
+    import timm_sila
+    eps = 1e-3 if from_pretrained else 1e-5
+    torch.manual_seed(0)
+    net = timm.create_model('sila_fbnetc_100', num_classes=10, bn_eps=eps).eval()
+    path = tmp_path / 'last.pth.tar'
+    torch.save(dict(arch='sila_fbnetc_100', state_dict=net.state_dict(),
+                    args=dict(model='sila_fbnetc_100', pretrained=from_pretrained, num_classes=10, bn_eps=None)), path)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    loaded = timm_sila.load_silanet(path)
+    assert {m.eps for m in loaded.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {eps}
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+    folder = timm_sila.strip(path, branch=0, out_dir=tmp_path / 'b0', card=False)
+    with torch.no_grad():
+        assert torch.equal(timm.create_model(f'local-dir:{folder}', pretrained=True).eval()(x), net(x))

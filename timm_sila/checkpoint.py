@@ -23,8 +23,9 @@ from timm.models import clean_state_dict
 
 from .config import (
     CheckpointError, UnsafeFileError, sanitize_file_data_config, sanitize_file_model_kwargs, sila_kwargs,
-    is_sila_name, sila_name)
+    base_arch, is_sila_name, sila_name)
 from .model import SilaNet
+from .timm_compat import pretrained_form_args
 
 __all__ = ['CheckpointError', 'UnsafeFileError', 'Checkpoint', 'read_checkpoint', 'read_safetensors',
            'load_silanet', 'load_state_dict_checked', 'create_with_img_size']
@@ -45,6 +46,7 @@ class Checkpoint:
     model_name: Optional[str] = None  # e.g. 'sila_resnet18', from train.py's args.model / arch
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # allow-listed create_model kwargs from train.py args
     data_config: Dict[str, Any] = field(default_factory=dict)  # range-checked input_size / mean / std ... from args
+    from_pretrained: bool = False  # train.py's args.pretrained: trained from timm's pretrained weights
 
 
 def create_with_img_size(name: str, img_size: Optional[int] = None, **kwargs) -> nn.Module:
@@ -200,6 +202,7 @@ def read_checkpoint(path: Union[str, Path], overridden: Iterable[str] = ()) -> C
         if args is not None:
             source = f'{path} (train.py args)'
             ckpt.model_kwargs = _args_to_kwargs(args, source, overridden)
+            ckpt.from_pretrained = get('pretrained') is True
             ckpt.data_config = sanitize_file_data_config(
                 {k: get(k) for k in ('input_size', 'img_size', 'in_chans', 'mean', 'std', 'crop_pct', 'crop_mode',
                                      'interpolation')}, source)
@@ -335,6 +338,9 @@ def load_silanet(
         raise CheckpointError(f'Unknown model {name!r}; see timm.list_models("sila_*").')
 
     kwargs = dict(ckpt.model_kwargs)
+    if ckpt.from_pretrained:  # the module timm built for its pretrained weights (fbnetc_100: BN eps 1e-3)
+        for key, value in pretrained_form_args(base_arch(name)).items():
+            kwargs.setdefault(key, value)
     if img_size is not None:
         kwargs.pop('img_size', None)
     kwargs.update(model_kwargs)

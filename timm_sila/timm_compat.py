@@ -10,18 +10,20 @@ the package allows: tests/test_timm_compat.py, run by CI with the newest one set
   would cost ~0.6 s at `import timm_sila` (every architecture's cfgs are mirrored for sila_<arch>);
 * `group_with_matcher`, `save_config_for_hf`: timm's layer grouping (for layer-wise LR decay) and config.json writer;
 * `pinned_args(arch, model)`: the kwargs that make timm rebuild `model` as it is, for the entrypoints that build a
-  different module when called with pretrained=True (as `local-dir:` loading does).
+  different module when called with pretrained=True (as `local-dir:` loading does); `pretrained_form_args(arch)`:
+  the kwargs that build that pretrained form without loading weights (for checkpoints trained from them).
 """
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 import torch.nn as nn
 from timm.models import PretrainedCfg
 from timm.models import _registry
+from timm.models._efficientnet_builder import BN_EPS_TF_DEFAULT
 from timm.models._hub import save_config_for_hf
 from timm.models._manipulate import group_with_matcher
 
 __all__ = ['model_args', 'built_by_timm', 'copy_traits', 'arch_pretrained_cfgs', 'group_with_matcher',
-           'save_config_for_hf', 'pinned_args', 'TESTED_TIMM']
+           'save_config_for_hf', 'pinned_args', 'pretrained_form_args', 'TESTED_TIMM']
 
 TESTED_TIMM = '1.0.31'  # the newest timm these internals were checked against (setup.cfg: timm>=1.0.31,<1.1)
 
@@ -32,15 +34,24 @@ def _bn_eps(model: nn.Module) -> Dict[str, Any]:
 
 
 # Entrypoints whose module depends on `pretrained` (timm 1.0.31: fbnetc_100 sets bn_eps=1e-3 for its weights):
-# {arch: fn(model) -> kwargs that rebuild model's own choice whatever `pretrained` is}.
-_PRETRAINED_DEPENDENT: Dict[str, Callable[[nn.Module], Dict[str, Any]]] = {'fbnetc_100': _bn_eps}
+# {arch: (kwargs the entrypoint sets for pretrained=True, fn(model) -> kwargs that rebuild model's own choice)}.
+_PRETRAINED_DEPENDENT: Dict[str, Tuple[Dict[str, Any], Callable[[nn.Module], Dict[str, Any]]]] = {
+    'fbnetc_100': (dict(bn_eps=BN_EPS_TF_DEFAULT), _bn_eps),
+}
 
 
 def pinned_args(arch: str, model: nn.Module) -> Dict[str, Any]:
     """Kwargs for timm.create_model(arch, ...) that rebuild `model`'s architecture with pretrained=True or False
     ({} for the architectures whose module does not depend on `pretrained`)."""
     pin = _PRETRAINED_DEPENDENT.get(arch)
-    return pin(model) if pin is not None else {}
+    return pin[1](model) if pin is not None else {}
+
+
+def pretrained_form_args(arch: str) -> Dict[str, Any]:
+    """Kwargs with which timm.create_model(arch, pretrained=False, ...) builds the module that pretrained=True
+    builds ({} for the architectures whose module does not depend on `pretrained`)."""
+    pin = _PRETRAINED_DEPENDENT.get(arch)
+    return dict(pin[0]) if pin is not None else {}
 
 
 def model_args(model: nn.Module) -> Dict[str, Any]:
