@@ -501,6 +501,15 @@ def load_results(path: Path) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def _end_line(path: Path) -> None:
+    """Finish a last line cut short (a killed sweep), so the next record starts a line of its own."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, 'rb+') as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b'\n':
+                f.write(b'\n')
+
+
 def sweep(pairs: List[Tuple[str, str]], counts: Dict[str, Optional[int]], results_path: Path, jobs: int,
           timeout: float, threads: int, force: bool, export_checks: bool = False,
           export_only: bool = False) -> Dict[str, Dict[str, Any]]:
@@ -516,6 +525,7 @@ def sweep(pairs: List[Tuple[str, str]], counts: Dict[str, Optional[int]], result
     print(f'{len(pairs)} architectures selected, {len(pairs) - len(todo)} already in {results_path}, '
           f'{len(todo)} {what} with {jobs} job(s)', flush=True)
     results_path.parent.mkdir(parents=True, exist_ok=True)
+    _end_line(results_path)
     n = [0]
 
     def one(pair):

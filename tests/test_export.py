@@ -201,6 +201,14 @@ def test_torch_failure_is_one_line_naming_the_root_cause(tmp_path):
     except RuntimeError as e:
         assert _torch_failure(e) == ('RuntimeError: Failed to decompose. '
                                      'Cause: ValueError: Cannot view a tensor with shape (s0, 3)')
+    try:  # an exception met while handling another (implicit context) is not named as the cause
+        try:
+            raise ImportError('optional dependency missing')
+        except ImportError:
+            raise RuntimeError('Unsupported op')
+    except RuntimeError as e:
+        assert _torch_failure(e) == 'RuntimeError: Unsupported op'
+    assert _torch_failure(AssertionError()) == 'AssertionError'
     with pytest.raises(ExportError) as e:
         export(DataDependent(), 0, 'pt2', tmp_path / 'm.pt2', img_size=8)
     message = str(e.value)

@@ -305,6 +305,10 @@ def test_coverage_results_line_cut_short_is_skipped_and_the_report_written_whole
     results.write_text(json.dumps(whole) + '\n' + json.dumps(dict(whole, arch='test_vit'))[:40])  # killed mid-append
     assert list(coverage.load_results(results)) == ['test_resnet']
     assert f'{results}:2: not a whole result record, skipped' in capsys.readouterr().err
+    coverage._end_line(results)  # what a resumed sweep does before appending: the next record is whole
+    with open(results, 'a') as f:
+        f.write(json.dumps(dict(whole, arch='test_vit')) + '\n')
+    assert list(coverage.load_results(results)) == ['test_resnet', 'test_vit']
     doc = tmp_path / 'coverage.md'
     doc.write_text('previous report')
     coverage.write_report(coverage.load_results(results), [('test', 'test_resnet'), ('test', 'test_vit')], doc,

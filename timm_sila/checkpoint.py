@@ -339,7 +339,7 @@ def load_silanet(
 
     kwargs = dict(ckpt.model_kwargs)
     if ckpt.from_pretrained:  # the module timm built for its pretrained weights (fbnetc_100: BN eps 1e-3)
-        for key, value in pretrained_form_args(base_arch(name)).items():
+        for key, value in pretrained_form_args(base_arch(name), dict(kwargs, **model_kwargs)).items():
             kwargs.setdefault(key, value)
     if img_size is not None:
         kwargs.pop('img_size', None)

@@ -181,14 +181,12 @@ def _torch_failure(err: BaseException) -> str:
     """'Type: first line' of a torch export error, and of its root cause (what the model does that torch cannot),
     without terminal colours or torch's 'Next steps' boilerplate."""
     def line(e: BaseException) -> str:
-        text = _ANSI.sub('', _first_line(e))
-        return f"{type(e).__name__}: {text.split(' This is step ')[0].split(' Next steps:')[0].strip()}"
+        text = _ANSI.sub('', str(e).strip().splitlines()[0]) if str(e).strip() else ''
+        text = text.split(' This is step ')[0].split(' Next steps:')[0].strip()
+        return f'{type(e).__name__}: {text}' if text else type(e).__name__
     root, seen = err, {id(err)}
-    while True:
-        nxt = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
-        if nxt is None or id(nxt) in seen:
-            break
-        root = nxt
+    while root.__cause__ is not None and id(root.__cause__) not in seen:  # explicit `raise ... from` links only
+        root = root.__cause__
         seen.add(id(root))
     return line(err) if root is err else f'{line(err)} Cause: {line(root)}'
 

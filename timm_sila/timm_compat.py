@@ -13,7 +13,7 @@ the package allows: tests/test_timm_compat.py, run by CI with the newest one set
   different module when called with pretrained=True (as `local-dir:` loading does); `pretrained_form_args(arch)`:
   the kwargs that build that pretrained form without loading weights (for checkpoints trained from them).
 """
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch.nn as nn
 from timm.models import PretrainedCfg
@@ -28,15 +28,24 @@ __all__ = ['model_args', 'built_by_timm', 'copy_traits', 'arch_pretrained_cfgs',
 TESTED_TIMM = '1.0.31'  # the newest timm these internals were checked against (setup.cfg: timm>=1.0.31,<1.1)
 
 
-def _bn_eps(model: nn.Module) -> Dict[str, Any]:
+def _bn_eps_pin(model: nn.Module) -> Dict[str, Any]:
+    """bn_eps of the model's BatchNorm, unless it was built with its own norm_layer (which takes no bn_eps)."""
+    if 'norm_layer' in model_args(model):
+        return {}
     norm = next((m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
     return {} if norm is None else {'bn_eps': norm.eps}
 
 
+def _bn_eps_form(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """What the entrypoint sets for pretrained=True, given the create_model kwargs (none with a norm_layer)."""
+    return {} if 'norm_layer' in kwargs else dict(bn_eps=BN_EPS_TF_DEFAULT)
+
+
 # Entrypoints whose module depends on `pretrained` (timm 1.0.31: fbnetc_100 sets bn_eps=1e-3 for its weights):
-# {arch: (kwargs the entrypoint sets for pretrained=True, fn(model) -> kwargs that rebuild model's own choice)}.
-_PRETRAINED_DEPENDENT: Dict[str, Tuple[Dict[str, Any], Callable[[nn.Module], Dict[str, Any]]]] = {
-    'fbnetc_100': (dict(bn_eps=BN_EPS_TF_DEFAULT), _bn_eps),
+# {arch: (fn(kwargs) -> kwargs the entrypoint sets for pretrained=True, fn(model) -> kwargs that rebuild model)}.
+_PRETRAINED_DEPENDENT: Dict[str, Tuple[Callable[[Dict[str, Any]], Dict[str, Any]],
+                                       Callable[[nn.Module], Dict[str, Any]]]] = {
+    'fbnetc_100': (_bn_eps_form, _bn_eps_pin),
 }
 
 
@@ -47,11 +56,11 @@ def pinned_args(arch: str, model: nn.Module) -> Dict[str, Any]:
     return pin[1](model) if pin is not None else {}
 
 
-def pretrained_form_args(arch: str) -> Dict[str, Any]:
-    """Kwargs with which timm.create_model(arch, pretrained=False, ...) builds the module that pretrained=True
-    builds ({} for the architectures whose module does not depend on `pretrained`)."""
+def pretrained_form_args(arch: str, kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Kwargs to add to `kwargs` so that timm.create_model(arch, pretrained=False, **kwargs) builds the module that
+    pretrained=True builds ({} for the architectures whose module does not depend on `pretrained`)."""
     pin = _PRETRAINED_DEPENDENT.get(arch)
-    return dict(pin[0]) if pin is not None else {}
+    return pin[0](dict(kwargs or {})) if pin is not None else {}
 
 
 def model_args(model: nn.Module) -> Dict[str, Any]:
