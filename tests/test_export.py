@@ -178,12 +178,8 @@ def test_export_check_reports_success_and_reason():
     assert not ok and 'ValueError' in reason and 'branch' in reason
 
 
-class DataDependent(nn.Module):
+class DataDependent(TracedDifferently):
     """Control flow on tensor values: torch.export cannot trace it."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(3, 4)
 
     def forward(self, x):
         y = self.fc(x.mean((2, 3)))

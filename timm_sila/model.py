@@ -11,7 +11,7 @@ from .heads import create_head
 from .logits import SilaLossError, wrap_sila_logits
 from .loss import _check_hparams
 from .taps import TAP_RULES, choose_taps, probe_stages, resolve_taps
-from .timm_compat import copy_traits, group_with_matcher
+from .timm_compat import copy_traits, group_with_matcher, model_args, pinned_args
 
 __all__ = ['SilaNet', 'sila_pretrained_cfg', 'prune_base']
 
@@ -221,6 +221,11 @@ class SilaNet(nn.Module):
             self.heads[k] = create_head(self.head_type, channels, num_classes)
         self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
         self.default_cfg = self.pretrained_cfg
+
+    def base_args(self) -> Dict[str, Any]:
+        """The create_model kwargs that rebuild the base as it is: those timm recorded, those that keep its module
+        when timm rebuilds it with pretrained=True (`timm_compat.pinned_args`), and the current num_classes."""
+        return dict(model_args(self.base), **pinned_args(self.arch, self.base), num_classes=self.num_classes)
 
     def sila_args(self) -> Dict[str, Any]:
         """The `sila_*` keyword arguments that rebuild this SilaNet through timm.create_model."""

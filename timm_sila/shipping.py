@@ -24,7 +24,7 @@ from .checkpoint import (
 from .config import (
     sila_name, check_file_architecture, sanitize_file_data_config, sanitize_file_model_kwargs)
 from .model import SilaNet, prune_base
-from .timm_compat import model_args, pinned_args, save_config_for_hf
+from .timm_compat import model_args, save_config_for_hf
 
 __all__ = ['strip', 'load_stripped', 'export_model']
 
@@ -37,13 +37,6 @@ EXPORTED_CFG_KEYS = ('input_size', 'test_input_size', 'min_input_size', 'fixed_i
                      'test_pool_size', 'first_conv', 'classifier', 'custom_load')
 # data config fields of a config.json that load_stripped puts into the model's pretrained_cfg
 _CFG_DATA_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
-def _base_args(net: SilaNet) -> Dict[str, Any]:
-    """The create_model kwargs of the base, as timm recorded them, plus those that keep its architecture when timm
-    rebuilds it with pretrained=True (`pinned_args`); num_classes always the current one."""
-    args = model_args(net.base)
-    args.update(pinned_args(net.arch, net.base))
-    args['num_classes'] = net.num_classes
-    return args
 
 
 def _check_branch(net: SilaNet, branch: Any) -> int:
@@ -62,7 +55,7 @@ def export_model(net: SilaNet, branch: int = 0) -> nn.Module:
     sila_branch=k, sila_stripped=True (no layer after tap k, no other head).
     """
     branch = _check_branch(net, branch)
-    base_args = _base_args(net)
+    base_args = net.base_args()
     if branch == 0:
         model = timm.create_model(net.arch, **base_args)
         model.load_state_dict(net.base.state_dict(), strict=True)
@@ -116,7 +109,7 @@ def _data_config(net: SilaNet, data_config: Dict[str, Any], img_size: Optional[i
         cfg['img_size'] = int(img_size)
     if 'img_size' in cfg and 'input_size' not in cfg:
         chans = net.pretrained_cfg.get('input_size', (3,))[0]
-        chans = cfg.pop('in_chans', None) or _base_args(net).get('in_chans', chans)
+        chans = cfg.pop('in_chans', None) or net.base_args().get('in_chans', chans)
         size = cfg.pop('img_size')
         cfg['input_size'] = (chans, size, size) if isinstance(size, int) else (chans, *size)
     return cfg

@@ -16,7 +16,6 @@ import timm
 from .checkpoint import create_with_img_size
 from .config import sila_kwargs, sila_name
 from .model import SilaNet
-from .timm_compat import model_args
 
 __all__ = ['MB', 'count_params', 'size_row', 'branch_sizes', 'model_info']
 
@@ -51,10 +50,6 @@ def _counted(name: str, kwargs: Dict[str, Any]) -> int:
     return count_params(_build_for_counting(name, None, kwargs))
 
 
-def _base_args(net: SilaNet) -> Dict[str, Any]:
-    return dict(model_args(net.base), num_classes=net.num_classes)
-
-
 def branch_sizes(model: nn.Module) -> List[Dict[str, Any]]:
     """One `size_row` per branch `model` answers, in set order.
 
@@ -64,13 +59,13 @@ def branch_sizes(model: nn.Module) -> List[Dict[str, Any]]:
     if not isinstance(model, SilaNet):
         return [size_row(0, 'classifier', count_params(model), count_params(model))]
     if model.stripped:
-        base = _counted(model.arch, _base_args(model))
+        base = _counted(model.arch, model.base_args())
         return [size_row(model.branch, model.taps[model.branch - 1], count_params(model), base)]
     base = count_params(model.base)
     rows = [size_row(0, 'classifier', base, base)]
     prunable = callable(getattr(model.base, 'prune_intermediate_layers', None))
     for k in range(1, model.sets):
-        kwargs = dict(_base_args(model), **dict(model.sila_args(), sila_branch=k, sila_stripped=True))
+        kwargs = dict(model.base_args(), **dict(model.sila_args(), sila_branch=k, sila_stripped=True))
         params = _counted(sila_name(model.arch), kwargs) if prunable else None
         rows.append(size_row(k, model.taps[k - 1], params, base))
     return rows
