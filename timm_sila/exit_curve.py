@@ -85,14 +85,15 @@ def _time(fn, batches: List[torch.Tensor], repeats: int) -> float:
 @torch.no_grad()
 def measure_speedup(model: Callable, base: Optional[Callable], batches: Sequence[torch.Tensor],
                     repeats: int = 3) -> float:
-    """Measured throughput of `model` relative to `base` on the same `batches`: median seconds per image of `base`
-    over that of `model`. > 1 means `model` is faster.
+    """Measured throughput of `model` relative to `base` on the same `batches`: the median over `repeats` of (time
+    of `base` / time of `model`) over all the batches. > 1 means `model` is faster.
 
-    The two are timed alternately (model, base, model, base, ... `repeats` times each) so that machine load hits both
-    alike, after one warm-up call each on batches[0] (for an EarlyExit that call also runs its routing check for the
-    input size). An `EarlyExit` with base=None is compared with its own SilaNet's base model. Both must be in eval
-    mode. The ratio holds for this machine, batch size and thread count: measure where the model will run, and
-    compare ratios from one run, never times from different runs. An empty `batches` or repeats < 1 is a ValueError.
+    The two are timed alternately (model, base, model, base, ... `repeats` times each), each ratio from one
+    back-to-back pair so that machine load hits both alike, after one warm-up call each on batches[0] (for an
+    EarlyExit that call also runs its routing check for the input size). An `EarlyExit` with base=None is compared
+    with its own SilaNet's base model. Both must be in eval mode. The ratio holds for this machine, batch size and
+    thread count: measure where the model will run, and compare ratios from one run, never times from different
+    runs. An empty `batches` or repeats < 1 is a ValueError.
     """
     if base is None:
         if not isinstance(model, EarlyExit):
@@ -105,11 +106,11 @@ def measure_speedup(model: Callable, base: Optional[Callable], batches: Sequence
         raise ValueError(f'repeats must be an integer >= 1, got {repeats!r}.')
     model(batches[0])
     base(batches[0])
-    t_model, t_base = [], []
-    for _ in range(repeats):
-        t_model.append(_time(model, batches, 1))
-        t_base.append(_time(base, batches, 1))
-    return statistics.median(t_base) / statistics.median(t_model)
+    ratios = []
+    for _ in range(repeats):  # one ratio per back-to-back pair cancels slow drifts in load; the median drops spikes
+        t_model = _time(model, batches, 1)
+        ratios.append(_time(base, batches, 1) / t_model)
+    return statistics.median(ratios)
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
