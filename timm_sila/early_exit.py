@@ -29,7 +29,7 @@ class ExitResult:
     """logits (B, N) in input order (answering set's logits / its temperature); exit_set (B,) the set that
     answered each sample (M-1 … 1 = auxiliary heads, 0 = base head); compute = backbone MACs executed (each
     segment's per-sample MACs times the samples that ran it) divided by the full model's MACs on the whole batch
-    (nan for an empty batch, whose outputs are empty)."""
+    (nan for an empty batch, whose outputs are empty); a count of work, not a measured time."""
     logits: torch.Tensor
     exit_set: torch.Tensor
     compute: float
@@ -67,6 +67,11 @@ class EarlyExit(nn.Module):
     Construction checks that per-sample routing is exact for the model (a routed forward on `input_size`, default
     the model's own input size, is compared with an unrouted one) and refuses models it cannot route (e.g. ViT
     token taps) with ValueError. A forward on another input size repeats the check once for that size.
+
+    Construction does not time anything. `ExitResult.compute` counts MACs, not time: whether routing pays depends on
+    where the taps sit and on the per-batch cost of routing, so measure before shipping for speed
+    (`timm_sila.exit_curve.measure_speedup(early_exit, None, batches)`, > 1 = faster than the base model), or use
+    `exit_curve`, whose verdict also names the stripped branch that is fastest within the same accuracy drop.
     """
 
     def __init__(self, model: SilaNet, thresholds: Union[float, Sequence[float], None] = None,
