@@ -24,7 +24,7 @@ from .metrics import check_params, read_eval_metrics
 from .config import sila_name
 from .model import SilaNet
 from .shipping import export_model
-from .sizes import count_params, size_row
+from .sizes import MemoryBoundError, check_batch_fits, count_params, size_row
 from .timm_compat import model_args
 
 __all__ = ['bench_branches', 'format_bench', 'read_metrics', 'RUNTIMES']
@@ -135,6 +135,7 @@ def bench_branches(
     (random weights; `load_kwargs` num_classes=, sets=, taps=, head=, model kwargs). `runtime='onnxruntime'`
     exports each model to ONNX first (parity-checked) and times onnxruntime CPU sessions. `threads`: intra-op
     threads (default: torch's current setting). `metrics`: a `timm-sila eval --json` result adding top-1/top-5.
+    A batch that cannot fit in memory (`timm_sila.sizes.check_batch_fits`) is a MemoryBoundError (ValueError).
     Returns dict(source, runtime, device, threads, batch_size, input_size, warmup, repeats, rows=[{branch, exit,
     weights, params, size_mb, cr, latency_ms, latency_ms_iqr, images_per_s, speedup, top1?, top5?}]).
     """
@@ -154,6 +155,9 @@ def bench_branches(
     rows, data_args, described = _models(source, img_size, load_kwargs)
     cfg = _data_config(rows[-1]['model'], data_args, img_size)
     input_size = list(cfg['input_size'])
+    check_batch_fits(batch_size, input_size, rows[0]['model'])  # the base: the largest activations
+    if runtime == 'torch' and device.type != 'cpu':
+        check_batch_fits(batch_size, input_size, rows[0]['model'], device=device)
     x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(0))
 
     base_params = count_params(rows[0]['model'])
@@ -236,9 +240,12 @@ def run_bench(args: Any) -> int:
     """`timm-sila bench`: prints the per-branch speed table (or JSON)."""
     from .cli import print_json
     from .export import cli_load_kwargs
-    result = bench_branches(args.source, img_size=args.img_size, batch_size=args.batch_size, threads=args.threads,
-                            runtime=args.runtime, warmup=args.warmup, repeats=args.repeats, metrics=args.metrics,
-                            device=args.device, **cli_load_kwargs(args))
+    try:
+        result = bench_branches(args.source, img_size=args.img_size, batch_size=args.batch_size, threads=args.threads,
+                                runtime=args.runtime, warmup=args.warmup, repeats=args.repeats, metrics=args.metrics,
+                                device=args.device, **cli_load_kwargs(args))
+    except MemoryBoundError as e:  # the API's message names batch_size / img_size; the CLI's flags differ
+        raise ValueError(e.message('--batch-size', '--img-size')) from e
     if args.json:
         print_json(result)
     else:
