@@ -134,7 +134,7 @@ def _check_classes(root: str, classes: List[str], num_classes: Optional[int],
     if num_classes is not None and len(classes) != num_classes:
         hidden = [c for c in classes if c.startswith('.')]
         if len(classes) > num_classes:
-            what = (f'remove the folders that are not classes of the model'
+            what = ('remove the folders that are not classes of the model'
                     + (f' (hidden folders such as {hidden[0]} count as classes too)' if hidden else ''))
         else:
             what = ('a missing class folder would shift the label of every later class (classes are numbered by '
