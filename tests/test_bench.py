@@ -37,8 +37,8 @@ def test_rounds_alternate_and_warm_up_untimed():
 
 def test_every_branch_of_a_silanet(net, tmp_path):
     info = model_info('sila_resnet18', num_classes=10, img_size=32)
-    metrics = dict(branches=[dict(branch=k, top1=50.0 - 5 * k, top5=90.0, params=r['params'])
-                             for k, r in enumerate(info['branches'])])
+    metrics = dict(num_samples=100, branches=[dict(branch=k, top1=50.0 - 5 * k, top5=90.0, params=r['params'])
+                                              for k, r in enumerate(info['branches'])])
     (tmp_path / 'eval.json').write_text(json.dumps(metrics))
     result = bench_branches(net, metrics=tmp_path / 'eval.json', **FAST)
     rows = result['rows']
@@ -75,7 +75,7 @@ def test_model_name_random_weights_and_bad_input(net):
     with pytest.raises(ValueError, match='repeats must be an integer >= 1'):
         bench_branches(net, repeats=0)
     with pytest.raises(ValueError, match='another model'):
-        bench_branches(net, metrics=dict(branches=[dict(branch=1, top1=1.0, params=5)]), **FAST)
+        bench_branches(net, metrics=dict(num_samples=1, branches=[dict(branch=1, top1=1.0, params=5)]), **FAST)
     with pytest.raises(ValueError, match='"branches" list'):
         bench_branches(net, metrics=dict(rows=[]), **FAST)
 

@@ -84,8 +84,8 @@ def test_card_of_a_loaded_model_and_bad_metrics(folders, tmp_path):
         model_card(b1, wrong, model=model)
     with pytest.raises(ValueError, match='no row for branch 1'):
         model_card(b1, dict(EVAL, branches=[EVAL['branches'][0]]), model=model)
-    with pytest.raises(ValueError, match='non-numeric top1'):
-        model_card(b1, dict(branches=[dict(branch=1, top1='99')]), model=model)
+    with pytest.raises(ValueError, match="top1 = '99'; an accuracy is a finite percentage"):
+        model_card(b1, dict(num_samples=5, branches=[dict(branch=1, top1='99')]), model=model)
     bad = tmp_path / 'eval.json'
     bad.write_text('{not json')
     with pytest.raises(ValueError, match='is not valid JSON'):

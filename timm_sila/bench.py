@@ -7,7 +7,6 @@ and images/s = batch_size / median. Speed does not depend on the weights, so a m
 "which branch is fast enough here" before training. Params / MB (fp32, 2^20 bytes) / CR are counted from the
 models timed; accuracy comes from a `timm-sila eval --json` file when one is given.
 """
-import json
 import statistics
 import tempfile
 import time
@@ -21,10 +20,11 @@ import timm
 
 from .checkpoint import create_with_img_size
 from .export import _data_config, export, load_branch, load_checkpoint, require_onnx
+from .metrics import check_params, read_eval_metrics
 from .config import sila_name
 from .model import SilaNet
 from .shipping import export_model
-from .sizes import count_params, size_row
+from .sizes import MemoryBoundError, check_batch_fits, count_params, size_row
 from .timm_compat import model_args
 
 __all__ = ['bench_branches', 'format_bench', 'read_metrics', 'RUNTIMES']
@@ -85,32 +85,10 @@ def _all_branches(net: SilaNet, weights: str) -> List[Dict[str, Any]]:
 
 
 def read_metrics(metrics: Union[str, Path, Dict[str, Any]]) -> Dict[int, Dict[str, float]]:
-    """{branch: {'top1': .., 'top5': .., 'params': ..}} from a `timm-sila eval --json` result (file or dict)."""
-    source = metrics if isinstance(metrics, dict) else Path(metrics)
-    if not isinstance(metrics, dict):
-        try:
-            metrics = json.loads(source.read_text(encoding='utf-8'))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f'{source} is not a JSON file written by `timm-sila eval --json` ({e}).') from e
-    rows = metrics.get('branches') if isinstance(metrics, dict) else None
-    if not isinstance(rows, list) or not rows:
-        raise ValueError(f'{source} has no "branches" list; pass the output of `timm-sila eval --json`.')
-    out: Dict[int, Dict[str, float]] = {}
-    for row in rows:
-        branch = row.get('branch') if isinstance(row, dict) else None
-        if isinstance(branch, bool) or not isinstance(branch, int):
-            raise ValueError(f'{source}: every branches entry needs an integer "branch", got {row!r:.80}.')
-        entry = {}
-        for key in ('top1', 'top5', 'params'):
-            value = row.get(key)
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                    raise ValueError(f'{source}: branch {branch} has a non-numeric {key} {value!r:.40}.')
-                entry[key] = value
-        if 'top1' not in entry:
-            raise ValueError(f'{source}: branch {branch} has no top1 accuracy.')
-        out[branch] = entry
-    return out
+    """{branch: {'top1': .., 'top5': .., 'params': ..}} from a `timm-sila eval --json` result (file or dict),
+    range-checked by `timm_sila.metrics.read_eval_metrics` (MetricsError, a ValueError, naming the value)."""
+    rows = read_eval_metrics(metrics)['branches']
+    return {b: {k: v for k, v in row.items() if k in ('top1', 'top5', 'params')} for b, row in rows.items()}
 
 
 def _torch_runner(model: nn.Module, device: torch.device) -> Callable[[torch.Tensor], Any]:
@@ -157,6 +135,7 @@ def bench_branches(
     (random weights; `load_kwargs` num_classes=, sets=, taps=, head=, model kwargs). `runtime='onnxruntime'`
     exports each model to ONNX first (parity-checked) and times onnxruntime CPU sessions. `threads`: intra-op
     threads (default: torch's current setting). `metrics`: a `timm-sila eval --json` result adding top-1/top-5.
+    A batch that cannot fit in memory (`timm_sila.sizes.check_batch_fits`) is a MemoryBoundError (ValueError).
     Returns dict(source, runtime, device, threads, batch_size, input_size, warmup, repeats, rows=[{branch, exit,
     weights, params, size_mb, cr, latency_ms, latency_ms_iqr, images_per_s, speedup, top1?, top5?}]).
     """
@@ -171,10 +150,14 @@ def bench_branches(
         require_onnx()
         if device.type != 'cpu':
             raise ValueError('runtime onnxruntime is timed on the CPU; pass device="cpu" (CLI: omit --device).')
-    accuracy = read_metrics(metrics) if metrics is not None else {}
+    checked = read_eval_metrics(metrics) if metrics is not None else None
+    accuracy = checked['branches'] if checked is not None else {}
     rows, data_args, described = _models(source, img_size, load_kwargs)
     cfg = _data_config(rows[-1]['model'], data_args, img_size)
     input_size = list(cfg['input_size'])
+    check_batch_fits(batch_size, input_size, rows[0]['model'])  # the base: the largest activations
+    if runtime == 'torch' and device.type != 'cpu':
+        check_batch_fits(batch_size, input_size, rows[0]['model'], device=device)
     x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(0))
 
     base_params = count_params(rows[0]['model'])
@@ -183,11 +166,8 @@ def bench_branches(
         params = count_params(row['model'])
         entry = dict(size_row(row['branch'], row['exit'], params, base_params), weights=row['weights'])
         if row['branch'] in accuracy and row['weights'] != 'random':
-            got = accuracy[row['branch']]
-            if 'params' in got and got['params'] != params:
-                raise ValueError(f'The metrics give branch {row["branch"]} {got["params"]:,} params, the model '
-                                 f'benchmarked has {params:,}: the eval JSON is of another model.')
-            entry.update({k: v for k, v in got.items() if k != 'params'})
+            check_params(checked, row['branch'], params, 'the model benchmarked')
+            entry.update({k: v for k, v in accuracy[row['branch']].items() if k in ('top1', 'top5')})
         results.append(entry)
     if accuracy and not any('top1' in r for r in results):
         raise ValueError(f'The metrics hold branches {sorted(accuracy)}, none of which is benchmarked here.')
@@ -260,9 +240,12 @@ def run_bench(args: Any) -> int:
     """`timm-sila bench`: prints the per-branch speed table (or JSON)."""
     from .cli import print_json
     from .export import cli_load_kwargs
-    result = bench_branches(args.source, img_size=args.img_size, batch_size=args.batch_size, threads=args.threads,
-                            runtime=args.runtime, warmup=args.warmup, repeats=args.repeats, metrics=args.metrics,
-                            device=args.device, **cli_load_kwargs(args))
+    try:
+        result = bench_branches(args.source, img_size=args.img_size, batch_size=args.batch_size, threads=args.threads,
+                                runtime=args.runtime, warmup=args.warmup, repeats=args.repeats, metrics=args.metrics,
+                                device=args.device, **cli_load_kwargs(args))
+    except MemoryBoundError as e:  # the API's message names batch_size / img_size; the CLI's flags differ
+        raise ValueError(e.message('--batch-size', '--img-size')) from e
     if args.json:
         print_json(result)
     else:

@@ -3,8 +3,9 @@
 Python: `evaluate(model, loader) -> dict`. CLI: `timm-sila eval` (`run_eval`; its parser is in timm_sila_cli).
 """
 import argparse
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -192,29 +193,67 @@ def _load_model(args: argparse.Namespace):
     return model.eval(), data_args
 
 
+def _model_channels(model: nn.Module) -> Optional[int]:
+    channels = getattr(model, 'in_chans', None)
+    return channels if isinstance(channels, int) and not isinstance(channels, bool) and channels > 0 else None
+
+
 def _data_config(model: nn.Module, data_args: Dict[str, Any], img_size: Optional[int]) -> Dict[str, Any]:
     """The eval data config, resolved from the checkpoint's (checked) train.py data args exactly as train.py
     resolves its validation transform: `timm.data.resolve_data_config(args, model=model)`, where an empty or None
     value (train.py's defaults: interpolation='', mean=None, ...) means the model's own. `img_size` (CLI
-    --img-size) replaces a stored input size."""
+    --img-size) replaces a stored input size.
+
+    Channels are the model's input channels (`model.in_chans`; timm's pretrained cfg says 3 even for a model built
+    with in_chans=1): a stored input size of another channel count is a ValueError; mean / std of another length
+    are averaged to one value per channel with a warning, as timm's train.py loader does (`adapt_to_chs`)."""
     from timm.data import resolve_data_config
     args = dict(data_args)
+    channels = _model_channels(model)
     if img_size is not None:
         args.update(input_size=None, img_size=int(img_size))
     elif isinstance(args.get('img_size'), (list, tuple)):  # (H, W): timm reads only an int img_size
-        args['input_size'] = args.get('input_size') or (args.get('in_chans', 3), *args['img_size'])
+        args['input_size'] = args.get('input_size') or (args.get('in_chans') or channels or 3, *args['img_size'])
+    stored = (args.get('input_size') or (None,))[0] or args.get('in_chans')
+    if channels is not None and stored is not None and stored != channels:
+        raise ValueError(f'the data config gives {stored}-channel input (input_size / in_chans) but the model takes '
+                         f'{channels} input channels; the file does not describe this model.')
+    if channels is not None and stored is None:
+        args['in_chans'] = channels
     try:
-        return resolve_data_config(args, model=model)
+        cfg = resolve_data_config(args, model=model)
     except AssertionError:  # timm asserts that mean / std have one value or one per input channel
         raise ValueError(f'the data config {args} is inconsistent: mean and std need one value or one per input '
                          f'channel.') from None
+    if channels is not None and cfg['input_size'][0] != channels:  # the size came from the model's pretrained cfg
+        cfg['input_size'] = (channels, *cfg['input_size'][1:])
+    chans = cfg['input_size'][0]
+    for key in ('mean', 'std'):
+        values = tuple(cfg[key])
+        if len(values) != chans:
+            cfg[key] = (sum(values) / len(values),) * chans
+            warnings.warn(f'the model takes {chans} input channel{"s" if chans > 1 else ""} but its {key} has '
+                          f'{len(values)} values: using their average {cfg[key][0]:.4g} for each, as timm\'s '
+                          f'train.py does.', UserWarning, stacklevel=2)
+    return cfg
+
+
+def _class_names(args: argparse.Namespace, model: nn.Module) -> Optional[List[str]]:
+    """The class names a stripped folder's config.json records (timm's `label_names`), if usable; else None."""
+    if not args.model.startswith('local-dir:'):
+        return None  # checkpoints (timm train.py's included) record no class names
+    from .data import class_names_from_config
+    from .metrics import read_json_file
+    from .shipping import CONFIG_NAME
+    config = read_json_file(Path(args.model[len('local-dir:'):]) / CONFIG_NAME, 'Config file', max_bytes=16 << 20)
+    return class_names_from_config(config, getattr(model, 'num_classes', None))
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """`timm-sila eval`: prints the per-branch table (or JSON); returns the exit status."""
-    from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
     from .cli import print_json
+    from .data import eval_loader
+    from .sizes import MemoryBoundError
     root = Path(args.data_dir) / args.split
     if not root.is_dir():
         raise FileNotFoundError(f'{root} does not exist: --data-dir must hold the split folder {args.split!r} '
@@ -222,18 +261,12 @@ def run_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, data_args = _load_model(args)
     cfg = _data_config(model, data_args, args.img_size)
-    transform = create_transform(**cfg, is_training=False)
+    model.to(device)  # before the memory check: the weights take their share
     try:
-        dataset = ImageFolder(str(root), transform=transform)
-    except FileNotFoundError as e:  # torchvision: no class folder / no image file
-        raise FileNotFoundError(f'{root}: {e}') from e
-    num_classes = getattr(model, 'num_classes', None)
-    if num_classes is not None and len(dataset.classes) > num_classes:
-        raise ValueError(f'{root} has {len(dataset.classes)} classes but the model predicts {num_classes}; '
-                         f'evaluate on the data set it was trained on.')
-    model.to(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                         num_workers=args.workers, pin_memory=device.type == 'cuda')
+        loader = eval_loader(root, model, cfg, args.batch_size, workers=args.workers, device=device,
+                             class_names=_class_names(args, model))
+    except MemoryBoundError as e:
+        raise ValueError(e.message('--batch-size', '--img-size')) from e
     result = evaluate(model, loader, device=device, progress=not args.no_progress and not args.json,
                       desc=f'eval {args.split}')
     result.update(model=args.model, checkpoint=args.checkpoint, ema=bool(args.ema), split=args.split,

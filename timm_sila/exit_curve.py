@@ -434,21 +434,18 @@ def plot_curve(result: Dict, path: Path) -> Optional[Path]:
 
 
 # --- CLI handler: timm-sila exit-curve (parser: timm_sila_cli.add_exit_curve_parser) --------------------------
-def _loader(root: Path, transform, batch_size: int, limit: Optional[int], what: str):
-    from torchvision.datasets import ImageFolder
+def _loader(root: Path, model: SilaNet, data_config: Dict, batch_size: int, limit: Optional[int]):
+    """The image folder `root` as `timm_sila.data.eval_loader` reads it (classes, channels and memory checked)."""
+    from .data import eval_loader
+    from .sizes import MemoryBoundError
     try:
-        dataset = ImageFolder(str(root), transform=transform)
-    except FileNotFoundError as e:  # no class folder, or no image in any of them
-        raise ValueError(f'The {what} set {root} is empty: {e}') from None
-    if limit is not None and limit < len(dataset):
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit]
-        dataset = torch.utils.data.Subset(dataset, order.tolist())
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=2)
+        return eval_loader(root, model, data_config, batch_size, workers=2, limit=limit)
+    except MemoryBoundError as e:
+        raise ValueError(e.message('--batch-size', '--img-size')) from e
 
 
 def run_exit_curve(args: argparse.Namespace) -> int:
     """Progress and warnings go to stderr, one line each; stdout holds only the table or the JSON document."""
-    from timm.data import create_transform
     from .evaluation import _data_config, _load_model
     if args.calib_split == args.split:
         raise ValueError('--calib-split must differ from --split: thresholds are never chosen on the test data.')
@@ -463,9 +460,8 @@ def run_exit_curve(args: argparse.Namespace) -> int:
     if not isinstance(model, SilaNet) or model.stripped:
         raise ValueError('exit-curve needs a full SilaNet checkpoint (all branches); a stripped folder has one.')
     data_config = _data_config(model, overrides, args.img_size)
-    transform = create_transform(**data_config, is_training=False)
-    calib = _loader(Path(args.data_dir) / args.calib_split, transform, args.batch_size, args.calib_limit, 'calibration')
-    evaluation = _loader(Path(args.data_dir) / args.split, transform, args.batch_size, None, 'evaluation')
+    calib = _loader(Path(args.data_dir) / args.calib_split, model, data_config, args.batch_size, args.calib_limit)
+    evaluation = _loader(Path(args.data_dir) / args.split, model, data_config, args.batch_size, None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         result = exit_curve(model, calib, evaluation, policy=args.policy, points=args.points, max_drop=args.max_drop,

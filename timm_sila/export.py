@@ -37,6 +37,7 @@ from .checkpoint import _first_line, _overridden, create_with_img_size, load_sil
 from .config import base_arch, sila_name
 from .model import SilaNet
 from .shipping import CONFIG_NAME, WEIGHTS_NAME, export_model, load_stripped
+from .sizes import MemoryBoundError, check_batch_fits
 
 __all__ = ['export', 'export_check', 'format_export', 'load_branch', 'load_checkpoint', 'require_onnx', 'ExportError',
            'ExportParityError', 'MissingExtraError', 'FORMATS', 'DEFAULT_RTOL', 'EXTRA_HINT']
@@ -248,7 +249,8 @@ def export(
     returning logits (branch 0). `img_size`: the input size (default: the model's / file's data config).
     `batch_size` >= 2 is the example batch (torch.export specialises a size-1 dimension); the file is checked at
     `batch_size` and 1. Raises ExportError (torch cannot export), ExportParityError (max |delta| > tolerance),
-    MissingExtraError (ONNX without the extra); in each case `out` is left as it was.
+    MissingExtraError (ONNX without the extra), MemoryBoundError (the example batches cannot fit in memory: see
+    `timm_sila.sizes.check_batch_fits`); in each case `out` is left as it was.
     Report: format, out, branch, architecture, input_size, mean, std, opset, batch_sizes, max_abs_diff (and per
     batch size), max_abs_logit, tolerance, bytes, runtime.
     """
@@ -269,6 +271,7 @@ def export(
     cfg = _data_config(model, data_args, img_size)
     arch = _architecture(model)
     what = f'{arch} branch {branch}'
+    check_batch_fits(batch_size, cfg['input_size'], model)  # before the example batches exist
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(n, *cfg['input_size'], generator=g) for n in (batch_size, 1)]
     expected = [_reference(model, x, what) for x in batches]
@@ -382,9 +385,12 @@ def cli_load_kwargs(args: Any) -> Dict[str, Any]:
 def run_export(args: Any) -> int:
     """`timm-sila export`: writes the verified file, prints what was written (or the JSON report)."""
     from .cli import print_json
-    report = export(args.source, args.branch, args.format, args.out, img_size=args.img_size,
-                    batch_size=args.batch_size, atol=args.atol, opset=args.opset, overwrite=args.force,
-                    **cli_load_kwargs(args))
+    try:
+        report = export(args.source, args.branch, args.format, args.out, img_size=args.img_size,
+                        batch_size=args.batch_size, atol=args.atol, opset=args.opset, overwrite=args.force,
+                        **cli_load_kwargs(args))
+    except MemoryBoundError as e:  # the API's message names batch_size / img_size; the CLI's flags differ
+        raise ValueError(e.message('--batch-size', '--img-size')) from e
     if args.json:
         print_json(report)
     else:

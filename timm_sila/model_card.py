@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .atomic import atomic_write_file
 from .config import sanitize_file_data_config
+from .metrics import check_params, read_eval_metrics, read_json_file
 from .sizes import branch_sizes
 from .model import SilaNet
 from .shipping import CONFIG_NAME, load_stripped
@@ -24,44 +25,28 @@ __all__ = ['model_card', 'write_model_card', 'CARD_NAME']
 CARD_NAME = 'README.md'
 _REPO_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$')
 _PLAIN = re.compile(r'^[A-Za-z0-9_.:/ -]{1,64}$')  # text from a metrics file shown in the card: short, no markup
+MAX_CONFIG_BYTES = 16 << 20  # a config.json with label names and descriptions of 21k classes is a few MB
 
 
 def _metrics_row(metrics: Union[str, Path, Dict[str, Any]], branch: int, params: int) -> Dict[str, Any]:
-    """The eval row of `branch` (top1..top5, loss) plus split / num_samples, checked against the model."""
-    source = 'metrics' if isinstance(metrics, dict) else str(metrics)
-    if not isinstance(metrics, dict):
-        metrics = _read_json(Path(metrics))
-    rows = metrics.get('branches') if isinstance(metrics, dict) else None
-    if not isinstance(rows, list):
-        raise ValueError(f'{source} has no "branches" list; pass the output of `timm-sila eval --json`.')
-    found = [r for r in rows if isinstance(r, dict) and r.get('branch') == branch]
-    if not found:
-        raise ValueError(f'{source} holds no row for branch {branch}; evaluate this branch (or the full SilaNet) '
-                         f'with `timm-sila eval --json`.')
-    row = found[0]
-    if isinstance(row.get('params'), int) and row['params'] != params:
-        raise ValueError(f'{source} gives branch {branch} {row["params"]:,} params, this folder holds {params:,}: '
-                         f'the eval JSON is of another model.')
-    out = {}
-    for key in ('top1', 'top2', 'top3', 'top4', 'top5', 'loss'):
-        value = row.get(key)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise ValueError(f'{source}: branch {branch} has a non-numeric {key} {value!r:.40}.')
-            out[key] = float(value)
-    if 'top1' not in out:
-        raise ValueError(f'{source}: branch {branch} has no top1 accuracy.')
-    n, split = metrics.get('num_samples'), metrics.get('split')
-    out['num_samples'] = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
-    out['split'] = split if isinstance(split, str) and _PLAIN.match(split) else None
+    """The eval row of `branch` (top1..top5, loss) plus split / num_samples, range-checked by
+    `timm_sila.metrics.read_eval_metrics` and its params compared with the folder's."""
+    checked = read_eval_metrics(metrics)
+    row = checked['branches'].get(branch)
+    if row is None:
+        raise ValueError(f'{checked["source"]} holds no row for branch {branch}; evaluate this branch (or the full '
+                         f'SilaNet) with `timm-sila eval --json`.')
+    check_params(checked, branch, params, 'this folder')
+    out = {k: v for k, v in row.items() if k != 'params'}
+    split = checked['split']
+    out['num_samples'] = checked['num_samples']
+    out['split'] = split if split is not None and _PLAIN.match(split) else None
     return out
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding='utf-8'))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f'{path} is not valid JSON ({e}); write the folder again with `timm-sila strip`.') from e
+    return read_json_file(path, 'Config file', max_bytes=MAX_CONFIG_BYTES,
+                          hint='Write the folder again with `timm-sila strip`.')
 
 
 def _floats(values) -> str:

@@ -6,8 +6,9 @@ and usage errors answer at once; a command's handler ('module:function' in its p
 imported only to run it.
 
 Each subcommand is an `add_<name>_parser(subparsers)` function in `SUBCOMMANDS`. Exit status: 0 on success, 2 on
-bad input, reported as one line on stderr, `timm-sila COMMAND: error: ...` (`--debug` raises instead). With
-`--json`, stdout holds the JSON document and nothing else (progress and warnings go to stderr).
+bad input, reported as one line on stderr, `timm-sila COMMAND: error: ...` (`--debug` raises instead); a warning
+is one line too, `timm-sila COMMAND: warning: ...`. With `--json`, stdout holds the JSON document and nothing else
+(progress and warnings go to stderr).
 """
 import argparse
 import ast
@@ -16,6 +17,7 @@ import importlib
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -48,6 +50,14 @@ def error_line(err: BaseException) -> str:
         if hint:
             text = f'{text} ({hint})'
     return ' '.join(text.split()) or type(err).__name__
+
+
+def _one_line_warnings(command: str) -> Callable:
+    """A `warnings.showwarning` that writes `timm-sila COMMAND: warning: MESSAGE` on one line of stderr (the
+    default adds the source line on a second)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f'timm-sila {command}: warning: {" ".join(str(message).split())}', file=file or sys.stderr)
+    return show
 
 
 class _Parser(argparse.ArgumentParser):
@@ -309,7 +319,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     module, _, name = args.handler.partition(':')
     handler = getattr(importlib.import_module(module), name)  # imports torch, timm and registers sila_* names
     try:
-        return handler(args)
+        with warnings.catch_warnings():  # restores showwarning afterwards
+            warnings.showwarning = _one_line_warnings(args.command)
+            return handler(args)
     except BAD_INPUT as e:
         if args.debug:
             raise
