@@ -287,6 +287,35 @@ def test_dynamic_size_refused_for_a_fixed_size_model(tmp_path):
 
 
 # --- exporter fallback ------------------------------------------------------------------------------------------
+class RmsNormed(nn.Module):
+    """torch's RMSNorm (aten::rms_norm) with and without a weight and eps, over one and two dimensions."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm_hw = nn.RMSNorm([8, 8], eps=None, elementwise_affine=False)
+        self.norm_c = nn.RMSNorm(3, eps=1e-3)
+        self.fc = nn.Linear(3, 4)
+        with torch.no_grad():
+            self.norm_c.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x):
+        return self.fc(self.norm_c(self.norm_hw(x * 3).mean((2, 3))))
+
+
+def test_torchscript_exporter_converts_rms_norm(tmp_path):
+    from torch.onnx._internal.torchscript_exporter.registration import registry
+    torch.manual_seed(0)
+    model = RmsNormed().eval()
+    report = export(model, 0, 'onnx', tmp_path / 'rms.onnx', img_size=8, exporter='torchscript')
+    assert report['max_abs_diff'] <= report['tolerance']
+    ops = {n.op_type for n in onnx.load(str(tmp_path / 'rms.onnx')).graph.node}
+    assert {'ReduceMean', 'Sqrt'} <= ops
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_diff(ort_run(tmp_path / 'rms.onnx', x), model(x)) < MEASURED_BOUND
+    assert not registry.is_registered_op('aten::rms_norm', 18)  # registered for that export only
+
+
 @pytest.fixture(scope='module')
 def relpos_folder(tmp_path_factory):
     """Branch 1 of a sila_test_vit_relpos (32x32) as a strip folder: a family the dynamo exporter cannot convert

@@ -251,6 +251,41 @@ def _dynamo_onnx(program: Any, opset: int, what: str) -> Callable[[Path], None]:
     return lambda path: onnx_program.save(str(path), external_data=False)
 
 
+def _rms_norm_symbolic(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:
+    """aten::rms_norm for the TorchScript exporter: x / sqrt(mean(x * x over the normalised dims) + eps) * weight
+    (ONNX's RMSNormalization needs opset 23)."""
+    from torch.onnx import symbolic_helper as sh
+    dims = sh._maybe_get_const(normalized_shape, 'is')
+    axes = g.op('Constant', value_t=torch.tensor(list(range(-len(dims), 0)), dtype=torch.long))
+    eps = None if sh._is_none(eps) else sh._maybe_get_const(eps, 'f')
+    eps = torch.finfo(torch.float32).eps if eps is None else float(eps)  # torch's default: the dtype's eps (fp32)
+    mean_square = g.op('ReduceMean', g.op('Mul', x, x), axes, keepdims_i=1)
+    y = g.op('Div', x, g.op('Sqrt', g.op('Add', mean_square, g.op('Constant', value_t=torch.tensor(eps)))))
+    return y if sh._is_none(weight) else g.op('Mul', y, weight)
+
+
+# conversions torch's TorchScript exporter lacks, added for the length of one export (name -> symbolic function)
+_TORCHSCRIPT_SYMBOLICS = {'aten::rms_norm': _rms_norm_symbolic}  # timm's RmsNorm (Gemma 4's ViT, ...)
+
+
+@contextlib.contextmanager
+def _torchscript_symbolics(opset: int):
+    """Register `_TORCHSCRIPT_SYMBOLICS` that torch has no conversion for at `opset`; unregister them after. One
+    that is registered already (by torch or the caller) is left as it is."""
+    try:
+        from torch.onnx._internal.torchscript_exporter.registration import registry
+        added = [name for name in _TORCHSCRIPT_SYMBOLICS if not registry.is_registered_op(name, opset)]
+    except (ImportError, AttributeError):  # cannot tell what torch has: change nothing
+        added = []
+    for name in added:
+        torch.onnx.register_custom_op_symbolic(name, _TORCHSCRIPT_SYMBOLICS[name], opset)
+    try:
+        yield
+    finally:
+        for name in added:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
+
+
 def _torchscript_onnx(model: nn.Module, x: torch.Tensor, opset: int, dynamic_size: bool,
                       what: str) -> Callable[[Path], None]:
     """torch.onnx's TorchScript-based exporter (torch.jit.trace on example `x`), batch (and height, width) marked
@@ -259,7 +294,7 @@ def _torchscript_onnx(model: nn.Module, x: torch.Tensor, opset: int, dynamic_siz
     axes = {0: 'batch', 2: 'height', 3: 'width'} if dynamic_size else {0: 'batch'}
     buffer = io.BytesIO()
     try:
-        with _quiet_stdout(), warnings.catch_warnings(), torch.no_grad():
+        with _quiet_stdout(), warnings.catch_warnings(), torch.no_grad(), _torchscript_symbolics(opset):
             warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
             warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export', category=DeprecationWarning)
             warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'torch\.onnx\.')
