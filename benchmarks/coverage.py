@@ -594,7 +594,8 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
         for r in recs:
             for k, c in enumerate(EXPORT_CHECKS):
                 if r['checks'][c]['status'] == 'pass' and _exporter(r, k) == 'torchscript':
-                    fallback[_dynamo_cause(r.get('onnx_exporter_reason', {}).get(str(k), ''))][r['arch']].append(f'b{k}')
+                    why = r.get('onnx_exporter_reason', {}).get(str(k), '')
+                    fallback[_dynamo_cause(why)][r['arch']].append(f'b{k}')
     onnx_ts = {k: sum(any(_exporter(r, k) == 'torchscript' for r in recs) and
                       all(r['checks'].get(f'onnx{k}', {}).get('status') == 'pass' for r in recs)
                       for recs in exported.values()) for k in (0, 1)}
@@ -624,8 +625,8 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
         '',
         f'**ONNX export** (`timm_sila.export(..., format="onnx")`, onnxruntime parity; run for {len(exported)} of '
         f'the {total} families, those swept with `--export` or `--export-only`): branch 0 passes for {onnx_ok[0]} / {len(exported)}, '
-        f'branch 1 for {onnx_ok[1]} / {len(exported)} ({onnx_ts[0]} and {onnx_ts[1]} of them written by the TorchScript '
-        f'exporter after the dynamo exporter failed).',
+        f'branch 1 for {onnx_ok[1]} / {len(exported)} ({onnx_ts[0]} and {onnx_ts[1]} of them written by the '
+        f'TorchScript exporter after the dynamo exporter failed).',
         '',
         'Checks, in order (a row shows the first one that did not pass):',
         '',

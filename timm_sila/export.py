@@ -296,7 +296,8 @@ def _torchscript_onnx(model: nn.Module, x: torch.Tensor, opset: int, dynamic_siz
     try:
         with _quiet_stdout(), warnings.catch_warnings(), torch.no_grad(), _torchscript_symbolics(opset):
             warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
-            warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export', category=DeprecationWarning)
+            warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export',
+                                    category=DeprecationWarning)
             warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'torch\.onnx\.')
             torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=opset, verbose=False,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -414,8 +415,8 @@ def export(
     if exporter not in EXPORTERS:
         raise ValueError(f'exporter must be one of {EXPORTERS}, got {exporter!r}.')
     if format == 'pt2' and exporter == 'torchscript':
-        raise ValueError('exporter="torchscript" writes ONNX only; a .pt2 file is always written by torch.export '
-                         '(leave exporter at auto, or pass format="onnx").')
+        raise ValueError("exporter='torchscript' (CLI --exporter) writes ONNX only: a .pt2 file is always written by "
+                         "torch.export; leave the exporter at auto, or export to ONNX (format='onnx', CLI --format).")
     if not isinstance(dynamic_size, bool):
         raise ValueError(f'dynamic_size must be True or False, got {dynamic_size!r}.')
     out = _check_out(out, format, overwrite, source)
