@@ -23,9 +23,10 @@ sweep). It builds `sila_<arch>` (num_classes=10) at the smallest input the model
           imports timm_sila gives bitwise equal logits
   strip1  strip(branch=1) -> reloaded after `import timm_sila` gives bitwise equal branch-1 logits, and has fewer
           parameters than the base model
-  onnx0, onnx1  (with --export; deployment, reported in their own column) `timm_sila.export(net, k, 'onnx')`: torch.onnx (dynamo)
-          export of branch k, reloaded in onnxruntime and compared with PyTorch at batch 2 and 1 within the
-          export tolerance (1e-4 * max(1, max |logit|))
+  onnx0, onnx1  (with --export; deployment, reported in their own column) `timm_sila.export(net, k, 'onnx')`: torch.onnx
+          export of branch k (the dynamo exporter, or the TorchScript one when dynamo fails), reloaded in
+          onnxruntime and compared with PyTorch at batch 2 and 1 within the export tolerance
+          (1e-4 * max(1, max |logit|)); the record keeps which exporter wrote the file and why dynamo did not
 A check that raises the plugin's own clear ValueError (e.g. timm gives the model no prune_intermediate_layers or
 feature_info) is recorded as 'refused' with that message; anything else that raises or mismatches is 'fail'.
 Results are appended to a JSON-lines file (one line per architecture); archs already there are skipped unless
@@ -52,6 +53,9 @@ DEFAULT_DOC = REPO / 'docs' / 'coverage.md'
 PAPER_SIX = ('resnet18', 'vgg19_bn', 'mobilenetv1_100', 'wide_resnet50_2', 'densenet121', 'inception_v3')
 CHECKS = ('build', 'train', 'eval0', 'strip0', 'strip1')
 EXPORT_CHECKS = ('onnx0', 'onnx1')  # recorded per family beside the result; not part of pass / fail
+# per branch: max |delta|, the exporter that wrote the file ('dynamo' or 'torchscript'; a record without it predates
+# the fallback and was written by dynamo), and why dynamo did not when the fallback did
+ONNX_RECORD_KEYS = ('onnx_max_abs_diff', 'onnx_exporter', 'onnx_exporter_reason')
 NUM_CLASSES = 10
 BATCH = 2
 SIZES = (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 384, 448, 512)
@@ -219,15 +223,16 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
-def _outcome(err: BaseException) -> Dict[str, str]:
-    """'refused' for the plugin's own ValueError (a clear error), 'fail' for anything else."""
+def _outcome(err: BaseException, limit: int = 300) -> Dict[str, str]:
+    """'refused' for the plugin's own ValueError (a clear error), 'fail' for anything else; the reason is one line
+    of at most `limit` characters."""
     if isinstance(err, CheckFailed):
-        return dict(status='fail', reason=_one_line(err))
+        return dict(status='fail', reason=_one_line(err, limit))
     frames = traceback.extract_tb(err.__traceback__)
     raised_by_plugin = bool(frames) and os.path.abspath(frames[-1].filename).startswith(_plugin_dir())
     status = 'refused' if isinstance(err, ValueError) and raised_by_plugin else 'fail'
     where = f' [{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}]' if frames else ''
-    return dict(status=status, reason=_one_line(f'{type(err).__name__}: {err}{where}'))
+    return dict(status=status, reason=_one_line(f'{type(err).__name__}: {err}{where}', limit))
 
 
 def _max_diff(a, b) -> str:
@@ -314,7 +319,8 @@ def check_arch(arch: str, work_dir: Path, setup: Optional[Tuple[Dict[str, Any], 
             fn()
             checks[name] = dict(status='pass')
         except Exception as e:  # recorded, the sweep goes on
-            checks[name] = _outcome(e)
+            # an export failure names each exporter's cause: room for both
+            checks[name] = _outcome(e, 600 if name in EXPORT_CHECKS else 300)
         return checks[name]['status'] == 'pass'
 
     state: Dict[str, Any] = {}
@@ -409,6 +415,9 @@ def check_arch(arch: str, work_dir: Path, setup: Optional[Tuple[Dict[str, Any], 
             report = export(net, branch, 'onnx', work_dir / f'branch{branch}.onnx', img_size=x.shape[-1],
                             overwrite=True)
             result.setdefault('onnx_max_abs_diff', {})[str(branch)] = report['max_abs_diff']
+            result.setdefault('onnx_exporter', {})[str(branch)] = report['exporter']
+            if report['exporter_reason']:  # 'dynamo failed: <step>: <root cause>' when the fallback wrote it
+                result.setdefault('onnx_exporter_reason', {})[str(branch)] = report['exporter_reason']
         return check
 
     if not export_only:
@@ -459,8 +468,11 @@ def _merge_export(core: Dict[str, Any], rec: Dict[str, Any]) -> Dict[str, Any]:
     merged = dict(core, checks=dict(core['checks']))
     for c in EXPORT_CHECKS:
         merged['checks'][c] = rec['checks'].get(c) or dict(status='fail', reason=f"{rec['check']}: {rec['reason']}")
-    if rec.get('onnx_max_abs_diff'):
-        merged['onnx_max_abs_diff'] = rec['onnx_max_abs_diff']
+    for key in ONNX_RECORD_KEYS:  # this run's, not an earlier run's
+        merged.pop(key, None)
+        if rec.get(key):
+            merged[key] = rec[key]
+    merged['onnx_seconds'] = rec.get('seconds')
     return merged
 
 
@@ -539,8 +551,11 @@ def sweep(pairs: List[Tuple[str, str]], counts: Dict[str, Optional[int]], result
         done[arch] = rec
         n[0] += 1
         where = '' if rec['status'] == 'pass' else f" {rec['check']}: {rec['reason'][:150]}"
-        print(f"[{n[0]}/{len(todo)}] {arch} ({family}) {rec['status']} in {rec.get('seconds', 0):.0f}s{where}",
-              flush=True)
+        if any(c in rec['checks'] for c in EXPORT_CHECKS):
+            where += '; ONNX b0 / b1: ' + ' / '.join(_export_cell(rec['checks'].get(c), _exporter(rec, k))
+                                                     for k, c in enumerate(EXPORT_CHECKS))
+        seconds = rec.get('onnx_seconds') if export_only else rec.get('seconds')
+        print(f"[{n[0]}/{len(todo)}] {arch} ({family}) {rec['status']} in {seconds or 0:.0f}s{where}", flush=True)
         return rec
 
     with ThreadPoolExecutor(max(jobs, 1)) as pool:
@@ -574,6 +589,16 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
     exported = {f: recs for f, recs in by_family.items() if all('onnx0' in r['checks'] for r in recs)}
     onnx_ok = {k: sum(all(r['checks'].get(f'onnx{k}', {}).get('status') == 'pass' for r in recs)
                       for recs in exported.values()) for k in (0, 1)}
+    fallback = defaultdict(lambda: defaultdict(list))  # dynamo's blanked cause -> {arch: [branches TorchScript wrote]}
+    for recs in exported.values():
+        for r in recs:
+            for k, c in enumerate(EXPORT_CHECKS):
+                if r['checks'][c]['status'] == 'pass' and _exporter(r, k) == 'torchscript':
+                    why = r.get('onnx_exporter_reason', {}).get(str(k), '')
+                    fallback[_dynamo_cause(why)][r['arch']].append(f'b{k}')
+    onnx_ts = {k: sum(any(_exporter(r, k) == 'torchscript' for r in recs) and
+                      all(r['checks'].get(f'onnx{k}', {}).get('status') == 'pass' for r in recs)
+                      for recs in exported.values()) for k in (0, 1)}
     export_classes = defaultdict(lambda: defaultdict(list))  # (stage, cause) -> {arch: [failing branches]}
     for recs in exported.values():
         for r in recs:
@@ -600,7 +625,8 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
         '',
         f'**ONNX export** (`timm_sila.export(..., format="onnx")`, onnxruntime parity; run for {len(exported)} of '
         f'the {total} families, those swept with `--export` or `--export-only`): branch 0 passes for {onnx_ok[0]} / {len(exported)}, '
-        f'branch 1 for {onnx_ok[1]} / {len(exported)}.',
+        f'branch 1 for {onnx_ok[1]} / {len(exported)} ({onnx_ts[0]} and {onnx_ts[1]} of them written by the '
+        f'TorchScript exporter after the dynamo exporter failed).',
         '',
         'Checks, in order (a row shows the first one that did not pass):',
         '',
@@ -615,9 +641,11 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
         'fewer parameters than the base.',
         '',
         'Deployment checks, in their own column (`ONNX b0 / b1`; not part of the result): **onnx0**, **onnx1**: '
-        '`timm_sila.export(net, k, "onnx")` exports branch k with torch.onnx (dynamo, opset 18), reloads it in '
+        '`timm_sila.export(net, k, "onnx")` exports branch k with torch.onnx (opset 18), reloads it in '
         'onnxruntime and compares with PyTorch at batch 2 and 1 (max |delta| <= 1e-4 * max(1, max |logit|)). '
-        'A failure names what torch or onnxruntime could not do.',
+        'The dynamo exporter is tried first; when it fails (to trace, convert, load or match), the TorchScript '
+        'exporter, under the same check: `ok` = dynamo wrote the file, `ok (torchscript)` = the fallback did. '
+        'A failure names what torch or onnxruntime could not do, with each exporter\'s cause.',
         '',
         '`refused` = the plugin raised its own clear error for something timm does not provide for that model; '
         '`fail` = anything else (including `timeout` and `crash` of the per-model process). Families are '
@@ -637,6 +665,15 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
                   '|---|---|---|---|']
         for (status, check, reason), archs in sorted(classes.items(), key=lambda kv: (-len(kv[1]), kv[0])):
             lines.append(f'| {status} | {check} | {_md(reason)} | {len(archs)}: {", ".join(sorted(archs))} |')
+        lines.append('')
+    if fallback:
+        lines += ['## ONNX exports written by the TorchScript fallback', '',
+                  'Branches the dynamo exporter could not export, grouped by its root cause (numbers and names '
+                  'blanked); the TorchScript exporter wrote them and they passed the same parity check.', '',
+                  '| dynamo failed at | root cause | architectures (branches) |', '|---|---|---|']
+        for (stage, cause), archs in sorted(fallback.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            names = ', '.join(f'{a} ({"/".join(b)})' for a, b in sorted(archs.items()))
+            lines.append(f'| {stage} | {_md(cause)} | {len(archs)}: {names} |')
         lines.append('')
     if export_classes:
         lines += ['## ONNX export failures', '',
@@ -658,7 +695,7 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
             params = f"{r['params'] / 1e6:.2f} M" if r.get('params') else '-'
             taps = f"{r['sets']}: {', '.join(r['taps'])}" if r.get('taps') else '-'
             res = 'pass' if r['status'] == 'pass' else f"{r['status']}: {r['check']}"
-            onnx = ' / '.join(_export_cell(r['checks'].get(c)) for c in EXPORT_CHECKS)
+            onnx = ' / '.join(_export_cell(r['checks'].get(c), _exporter(r, k)) for k, c in enumerate(EXPORT_CHECKS))
             lines.append(f"| {_md(family)} | {r['arch']} | {params} | {size} | {_md(taps)} | {res} | "
                          f"{_md(r.get('reason', ''))} | {onnx} |")
     doc.parent.mkdir(parents=True, exist_ok=True)
@@ -677,22 +714,39 @@ def _commit_note() -> str:
     return f', timm_sila at commit {sha}' if sha else ''
 
 
-def _export_cell(check: Optional[Dict[str, str]]) -> str:
+def _export_cell(check: Optional[Dict[str, str]], exporter: str = 'dynamo') -> str:
     if check is None:
         return '-'
-    return 'ok' if check['status'] == 'pass' else 'fail'
+    if check['status'] != 'pass':
+        return 'fail'
+    return 'ok' if exporter == 'dynamo' else f'ok ({exporter})'
 
 
-def _failure_class(reason: str) -> str:
+def _exporter(record: Dict[str, Any], branch: int) -> str:
+    """The exporter that wrote branch `branch`'s ONNX file ('dynamo' for records from before the fallback)."""
+    return record.get('onnx_exporter', {}).get(str(branch), 'dynamo')
+
+
+def _dynamo_cause(reason: str) -> Tuple[str, str]:
+    """(step, blanked root cause) of an exporter_reason 'dynamo failed: <step>: <Type: root cause>'."""
+    text = reason.split('dynamo failed: ', 1)[-1]
+    step, _, cause = text.partition(': ')
+    if step not in ('torch.export', 'torch.onnx') and not step.startswith('onnxruntime'):
+        step, cause = 'parity or running the file', text
+    return step, _group_prefix(cause)
+
+
+def _failure_class(reason: str, limit: int = 160) -> str:
     """A reason with numbers, names and quoted values blanked, so like failures group together."""
     text = re.sub(r"'[^']*'", "'…'", reason)
     text = re.sub(r'\[[^\]]*\]', '[…]', text)
     text = re.sub(r'\d+(\.\d+)?(e-?\d+)?', 'N', text)
-    return _one_line(text, 160)
+    return _one_line(text, limit)
 
 
 # (text in an export failure, the step it names) in pipeline order; see timm_sila.export
-_EXPORT_STEPS = (('torch.export cannot trace', 'torch.export tracing'),
+_EXPORT_STEPS = (('Neither ONNX exporter', 'dynamo, then torchscript'),
+                 ('torch.export cannot trace', 'torch.export tracing'),
                  ('Failed to decompose', 'torch.onnx FX decomposition'),
                  ('Failed to convert the exported program', 'torch.onnx conversion'),
                  ('onnxruntime cannot load', 'onnxruntime loading'),
@@ -703,11 +757,20 @@ _EXPORT_STEPS = (('torch.export cannot trace', 'torch.export tracing'),
 def _export_failure(reason: str) -> Tuple[str, str]:
     """(failing step, blanked root cause) of an export check's reason, so like failures group together."""
     step = next((name for text, name in _EXPORT_STEPS if text in reason), 'other')
+    reason = re.sub(r'\s*\[[\w.]+\.py:\d+\]$', '', reason)  # the "[file.py:line]" of _outcome
+    if step == 'dynamo, then torchscript':  # '... dynamo: <cause>; torchscript: <cause>. Nothing was written.'
+        dynamo, _, torchscript = reason.split(': dynamo: ', 1)[-1].partition('; torchscript: ')
+        torchscript = torchscript.rsplit(' Nothing was written.', 1)[0]
+        return step, f'dynamo: {_group_prefix(dynamo)}; torchscript: {_group_prefix(torchscript)}'
     cause = reason.split(' Cause: ', 1)[1] if ' Cause: ' in reason else reason.split(': ', 2)[-1]
-    cause = re.sub(r'\s*\[[\w.]+\.py:\d+\]$', '', cause)  # the "[file.py:line]" of _outcome
+    return step, _group_prefix(cause)
+
+
+def _group_prefix(cause: str, limit: int = 80) -> str:
+    """`cause` blanked (`_failure_class`) and cut to `limit` characters: recorded reasons are cut at a fixed length,
+    so a long cause keeps a varying tail; like failures group on a fixed prefix."""
     cause = _failure_class(cause)
-    # recorded reasons are cut at a fixed length, so a long cause keeps a varying tail: group on a fixed prefix
-    return step, cause if len(cause) <= 80 else cause[:80].rstrip() + " …"
+    return cause if len(cause) <= limit else cause[:limit].rstrip() + ' …'
 
 
 # --- command line --------------------------------------------------------------------------------------------

@@ -59,6 +59,29 @@ def test_onnx_checks_record_parity(results):
     for arch in EXPORTED:
         diffs = results[arch]['onnx_max_abs_diff']
         assert set(diffs) == {'0', '1'} and all(0 <= d < 1e-3 for d in diffs.values()), diffs
+        assert results[arch]['onnx_exporter'] == {'0': 'dynamo', '1': 'dynamo'}  # no fallback needed
+        assert 'onnx_exporter_reason' not in results[arch]
+
+
+def test_export_report_groups_each_exporters_cause():
+    # a branch the fallback wrote: grouped by dynamo's step and blanked root cause
+    assert coverage._dynamo_cause('dynamo failed: torch.onnx: AssertionError: only 4D query, key, and value are '
+                                  'supported') == ('torch.onnx', 'AssertionError: only ND query, key, and value are '
+                                                                 'supported')
+    assert coverage._dynamo_cause('dynamo failed: max |delta| 0.5 > tolerance 0.0001 (batch of 2 at 8x8)')[0] == \
+        'parity or running the file'
+    # a branch neither exporter could write: both causes kept, each cut to a fixed prefix
+    step, cause = coverage._export_failure(
+        "ExportError: Neither ONNX exporter can export x branch 1: dynamo: torch.export: GuardOnDataDependentSymNode: "
+        "Could not extract specialized integer from data-dependent expression u0 (unhinted: u0); torchscript: "
+        "torch.onnx: UnsupportedOperatorError: Exporting the operator 'aten::foo' to ONNX opset version 18 is not "
+        "supported. Nothing was written. [export.py:512]")
+    assert step == 'dynamo, then torchscript'
+    assert cause.startswith('dynamo: torch.export: GuardOnDataDependentSymNode: Could not extract')
+    assert "; torchscript: torch.onnx: UnsupportedOperatorError: Exporting the operator '…'" in cause
+    assert 'Nothing was written' not in cause and 'export.py' not in cause
+    assert coverage._export_cell({'status': 'pass'}, 'torchscript') == 'ok (torchscript)'
+    assert coverage._export_cell({'status': 'pass'}) == 'ok' and coverage._export_cell(None) == '-'
 
 
 def test_fixed_size_model_is_built_at_a_small_img_size(results):

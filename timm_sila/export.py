@@ -1,13 +1,18 @@
 """Deploy one branch: ONNX (onnxruntime-checked) or torch.export `.pt2`, each verified against PyTorch before it lands.
 
 `export(source, branch, format='onnx'|'pt2', out=FILE)` builds the eval-mode model of one branch (branch 0 = the plain
-timm model, k >= 1 = backbone up to tap k + head k), traces it once with `torch.export.export` (non-strict, batch
-dimension dynamic), and then either converts the program to ONNX (`torch.onnx.export`, the dynamo exporter, at a
-stated opset) or saves it with `torch.export.save`. The written file is reloaded -- an onnxruntime CPU session, or
-`torch.export.load` -- and run on a seeded random batch of the example size and on a batch of 1 (the dynamic
-dimension at work); the largest |logit difference| from the PyTorch model must be within tolerance, else
-`ExportParityError` and no file is left behind (the file is written beside `out` and renamed over it only once it
-passed, `timm_sila.atomic.atomic_write_file`).
+timm model, k >= 1 = backbone up to tap k + head k) and exports it with a dynamic batch dimension -- and dynamic
+height and width with `dynamic_size=True`, for models timm does not mark fixed-size. `.pt2`: `torch.export.export`
+(non-strict), saved with `torch.export.save`. ONNX, by `exporter`: 'dynamo' converts that torch.export program with
+`torch.onnx.export(program, dynamo=True)` at a stated opset; 'torchscript' uses torch.onnx's TorchScript-based
+exporter (`torch.jit.trace` + `dynamic_axes`), which handles some models the dynamo path cannot (attention on 5D
+tensors, views of relative position tables); 'auto' (the default) tries dynamo and falls back to torchscript when
+dynamo fails at any step -- tracing, conversion, loading or the parity check -- and the report says which wrote
+the file and why. The written file is reloaded -- an onnxruntime CPU session, or `torch.export.load` -- and run on
+seeded random batches of the example size and of 1 (the dynamic dimension at work), and with `dynamic_size` also at
+a second input size (`second_input_size`: 32 more rows, 64 more columns); the largest |logit difference| from the
+PyTorch model must be within tolerance, else `ExportParityError` and no file is left behind (the file is written
+beside `out` and renamed over it only once it passed, `timm_sila.atomic.atomic_write_file`).
 
 Tolerance (fp32). By default max |delta| <= 1e-4 * max(1, max |logit|). ONNX Runtime and PyTorch sum convolutions,
 matmuls and reductions in different orders, so their fp32 results differ by rounding only: relative to
@@ -22,12 +27,15 @@ The auxiliary heads' fast form (`heads.ConvPoolHead`, a custom autograd.Function
 ONNX needs the optional extra `pip install timm-sila[export]` (onnx, onnxscript, onnxruntime); `.pt2` needs torch only.
 """
 import contextlib
+import inspect
+import io
 import os
 import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -39,10 +47,12 @@ from .model import SilaNet
 from .shipping import CONFIG_NAME, WEIGHTS_NAME, export_model, load_stripped
 from .sizes import MemoryBoundError, check_batch_fits
 
-__all__ = ['export', 'export_check', 'format_export', 'load_branch', 'load_checkpoint', 'require_onnx', 'ExportError',
-           'ExportParityError', 'MissingExtraError', 'FORMATS', 'DEFAULT_RTOL', 'EXTRA_HINT']
+__all__ = ['export', 'export_check', 'format_export', 'fixed_size_reason', 'second_input_size', 'load_branch',
+           'load_checkpoint', 'require_onnx', 'ExportError', 'ExportParityError', 'MissingExtraError', 'FORMATS',
+           'EXPORTERS', 'DEFAULT_RTOL', 'EXTRA_HINT']
 
 FORMATS = ('onnx', 'pt2')
+EXPORTERS = ('auto', 'dynamo', 'torchscript')  # ONNX; auto = dynamo, then torchscript if it fails
 DEFAULT_RTOL = 1e-4  # max |delta| <= DEFAULT_RTOL * max(1, max |logit|) unless atol is given
 EXTRA_HINT = 'pip install "timm-sila[export]"'
 INPUT_NAME, OUTPUT_NAME = 'input', 'logits'
@@ -52,13 +62,21 @@ class MissingExtraError(ImportError, ValueError):
     """An optional dependency of ONNX export or the onnxruntime benchmark is not installed."""
 
 
-class ExportError(ValueError):
+class _ExportFailure(ValueError):
+    """An exporter's attempt failed; `cause` is its step and root cause in one short line (for a fallback note)."""
+
+    def __init__(self, message: str, cause: Optional[str] = None):
+        super().__init__(message)
+        self.cause = cause or message
+
+
+class ExportError(_ExportFailure):
     """torch could not export the model (an op, control flow or shape it cannot trace or convert), or the runtime
     could not load the file torch wrote."""
 
 
-class ExportParityError(ValueError):
-    """The exported file's outputs differ from the PyTorch model's by more than the tolerance."""
+class ExportParityError(_ExportFailure):
+    """The exported file fails to run, or its outputs differ from the PyTorch model's by more than the tolerance."""
 
 
 def require_onnx() -> Tuple[Any, Any]:
@@ -178,28 +196,41 @@ def _check_out(out: Union[str, Path, None], fmt: str, overwrite: bool, source: A
 _ANSI = re.compile(r'\x1b\[[0-9;]*m')
 
 
+def _error_line(e: BaseException) -> str:
+    """'Type: first line' of an error, without terminal colours or torch's 'Next steps' boilerplate."""
+    text = _ANSI.sub('', str(e).strip().splitlines()[0]) if str(e).strip() else ''
+    text = text.split(' This is step ')[0].split(' Next steps:')[0].strip()
+    return f'{type(e).__name__}: {text}' if text else type(e).__name__
+
+
+def _root(err: BaseException) -> BaseException:
+    """The end of the explicit `raise ... from` chain of `err` (what the model does that torch cannot)."""
+    root, seen = err, {id(err)}
+    while root.__cause__ is not None and id(root.__cause__) not in seen:  # explicit links only, not __context__
+        root = root.__cause__
+        seen.add(id(root))
+    return root
+
+
 def _torch_failure(err: BaseException) -> str:
     """'Type: first line' of a torch export error, and of its root cause (what the model does that torch cannot),
     without terminal colours or torch's 'Next steps' boilerplate."""
-    def line(e: BaseException) -> str:
-        text = _ANSI.sub('', str(e).strip().splitlines()[0]) if str(e).strip() else ''
-        text = text.split(' This is step ')[0].split(' Next steps:')[0].strip()
-        return f'{type(e).__name__}: {text}' if text else type(e).__name__
-    root, seen = err, {id(err)}
-    while root.__cause__ is not None and id(root.__cause__) not in seen:  # explicit `raise ... from` links only
-        root = root.__cause__
-        seen.add(id(root))
-    return line(err) if root is err else f'{line(err)} Cause: {line(root)}'
+    root = _root(err)
+    return _error_line(err) if root is err else f'{_error_line(err)} Cause: {_error_line(root)}'
 
 
-def _export_program(model: nn.Module, x: torch.Tensor, what: str) -> Any:
-    """torch.export of `model` on example `x` with a dynamic batch dimension; ExportError when torch cannot."""
-    batch = torch.export.Dim('batch', min=1)
+def _export_program(model: nn.Module, x: torch.Tensor, what: str, dynamic_size: bool = False) -> Any:
+    """torch.export of `model` on example `x` with a dynamic batch dimension (and height and width when
+    `dynamic_size`); ExportError when torch cannot."""
+    dims = {0: torch.export.Dim('batch', min=1)}
+    if dynamic_size:  # DYNAMIC, not named Dims: torch derives the sizes' constraints (multiples, minima) itself
+        dims.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
     try:
         with torch.no_grad():
-            return torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
+            return torch.export.export(model, (x,), dynamic_shapes=(dims,), strict=False)
     except Exception as e:  # torch raises many types (UserError, Unsupported, RuntimeError, ...): report, keep cause
-        raise ExportError(f'torch.export cannot trace {what}: {_torch_failure(e)}') from e
+        raise ExportError(f'torch.export cannot trace {what}: {_torch_failure(e)}',
+                          f'torch.export: {_error_line(_root(e))}') from e
 
 
 @contextlib.contextmanager
@@ -209,6 +240,76 @@ def _quiet_stdout():
         yield
 
 
+def _dynamo_onnx(program: Any, opset: int, what: str) -> Callable[[Path], None]:
+    """The dynamo exporter's ONNX conversion of a torch.export program; returns a function writing it to a path."""
+    try:
+        with _quiet_stdout():
+            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False,
+                                             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+    except Exception as e:
+        raise ExportError(f'torch.onnx cannot convert {what} to ONNX opset {opset}: {_torch_failure(e)}',
+                          f'torch.onnx: {_error_line(_root(e))}') from e
+    return lambda path: onnx_program.save(str(path), external_data=False)
+
+
+def _rms_norm_symbolic(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:
+    """aten::rms_norm for the TorchScript exporter: x / sqrt(mean(x * x over the normalised dims) + eps) * weight
+    (ONNX's RMSNormalization needs opset 23)."""
+    from torch.onnx import symbolic_helper as sh
+    dims = sh._maybe_get_const(normalized_shape, 'is')
+    axes = g.op('Constant', value_t=torch.tensor(list(range(-len(dims), 0)), dtype=torch.long))
+    eps = None if sh._is_none(eps) else sh._maybe_get_const(eps, 'f')
+    eps = torch.finfo(torch.float32).eps if eps is None else float(eps)  # torch's default: the dtype's eps (fp32)
+    mean_square = g.op('ReduceMean', g.op('Mul', x, x), axes, keepdims_i=1)
+    y = g.op('Div', x, g.op('Sqrt', g.op('Add', mean_square, g.op('Constant', value_t=torch.tensor(eps)))))
+    return y if sh._is_none(weight) else g.op('Mul', y, weight)
+
+
+# conversions torch's TorchScript exporter lacks, added for the length of one export (name -> symbolic function)
+_TORCHSCRIPT_SYMBOLICS = {'aten::rms_norm': _rms_norm_symbolic}  # timm's RmsNorm (Gemma 4's ViT, ...)
+
+
+@contextlib.contextmanager
+def _torchscript_symbolics(opset: int):
+    """Register `_TORCHSCRIPT_SYMBOLICS` that torch has no conversion for at `opset`; unregister them after. One
+    that is registered already (by torch or the caller) is left as it is."""
+    try:
+        from torch.onnx._internal.torchscript_exporter.registration import registry
+        added = [name for name in _TORCHSCRIPT_SYMBOLICS if not registry.is_registered_op(name, opset)]
+    except (ImportError, AttributeError):  # cannot tell what torch has: change nothing
+        added = []
+    for name in added:
+        torch.onnx.register_custom_op_symbolic(name, _TORCHSCRIPT_SYMBOLICS[name], opset)
+    try:
+        yield
+    finally:
+        for name in added:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
+
+
+def _torchscript_onnx(model: nn.Module, x: torch.Tensor, opset: int, dynamic_size: bool,
+                      what: str) -> Callable[[Path], None]:
+    """torch.onnx's TorchScript-based exporter (torch.jit.trace on example `x`), batch (and height, width) marked
+    dynamic; returns a function writing the file. The tracer's warnings (values it records as constants; its own
+    deprecation) are not shown: the parity check at a second batch size (and input size) is what decides."""
+    axes = {0: 'batch', 2: 'height', 3: 'width'} if dynamic_size else {0: 'batch'}
+    buffer = io.BytesIO()
+    try:
+        with _quiet_stdout(), warnings.catch_warnings(), torch.no_grad(), _torchscript_symbolics(opset):
+            warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+            warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export',
+                                    category=DeprecationWarning)
+            warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'torch\.onnx\.')
+            torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=opset, verbose=False,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: 'batch'}})
+    except Exception as e:
+        raise ExportError(f'torch.onnx (TorchScript) cannot convert {what} to ONNX opset {opset}: '
+                          f'{_torch_failure(e)}', f'torch.onnx: {_error_line(_root(e))}') from e
+    data = buffer.getvalue()
+    return lambda path: Path(path).write_bytes(data)
+
+
 def _max_diff(expected: torch.Tensor, got: Any) -> float:
     got = torch.as_tensor(got)
     if tuple(got.shape) != tuple(expected.shape):
@@ -216,17 +317,57 @@ def _max_diff(expected: torch.Tensor, got: Any) -> float:
     return float((got.float() - expected.float()).abs().max())
 
 
-def _reference(model: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+def _reference(model: nn.Module, x: torch.Tensor, what: str, hint: str = 'pass the img_size it was built for'
+               ) -> torch.Tensor:
     try:
         with torch.no_grad():
             y = model(x)
     except Exception as e:
         raise ValueError(f'{what} does not run on an input of shape {tuple(x.shape)}: {type(e).__name__}: '
-                         f'{_first_line(e)}; pass the img_size it was built for.') from e
+                         f'{_first_line(e)}; {hint}.') from e
     if not isinstance(y, torch.Tensor) or y.dim() != 2:
         raise ValueError(f'{what} returns {type(y).__name__}{"" if not isinstance(y, torch.Tensor) else tuple(y.shape)}'
                          f'; export needs a model returning (batch, classes) logits.')
     return y
+
+
+def second_input_size(height: int, width: int) -> Tuple[int, int]:
+    """The second (height, width) at which a dynamic-size export is checked: larger on both sides, by different
+    amounts (so neither a size baked into the graph nor height and width swapped goes unnoticed), multiples of 32
+    apart (so models that downsample by 32 see whole extra rows and columns)."""
+    return height + 32, width + 64
+
+
+def fixed_size_reason(model: nn.Module, arch: str) -> Optional[str]:
+    """Why `model` cannot be exported with a dynamic input size, from timm's traits (`fixed_input_size`, which
+    timm clears for a model built with dynamic_img_size=True); None when timm says it takes any size."""
+    from timm.models import get_model_input_config
+    try:
+        fixed = bool(get_model_input_config(model).get('fixed_input_size'))
+    except Exception:  # not a timm model: the check at a second input size decides
+        return None
+    if not fixed:
+        return None
+    base = model.base if isinstance(model, SilaNet) else model
+    grid = getattr(getattr(base, 'patch_embed', None), 'grid_size', None)
+    if grid is not None and isinstance(getattr(base, 'pos_embed', None), torch.Tensor):
+        why = f'its position embedding is {grid[0]}x{grid[1]}'
+    elif grid is not None:
+        why = f'it is built for a {grid[0]}x{grid[1]} patch grid'
+    else:
+        why = "timm's traits mark it fixed_input_size"
+    try:
+        takes_dynamic = 'dynamic_img_size' in inspect.signature(type(base).__init__).parameters
+    except (TypeError, ValueError):
+        takes_dynamic = False
+    one_size = 'drop dynamic_size=True (CLI --dynamic-size) to export it at one size'
+    todo = (f'build it with dynamic_img_size=True (CLI --model-kwargs dynamic_img_size=True), or {one_size}'
+            if takes_dynamic else f'{one_size}, the one you deploy (img_size, CLI --img-size)')
+    return f'{arch} has a fixed input size ({why}); {todo}.'
+
+
+def _size(x: torch.Tensor) -> str:
+    return f'{x.shape[-2]}x{x.shape[-1]}'
 
 
 def export(
@@ -240,19 +381,27 @@ def export(
         atol: Optional[float] = None,
         opset: int = 18,
         overwrite: bool = False,
+        dynamic_size: bool = False,
+        exporter: str = 'auto',
         **load_kwargs,
 ) -> Dict[str, Any]:
     """Export one branch to `out` (ONNX or torch.export .pt2), verified on reload; returns a report dict.
 
     `source`: a strip output folder, a SilaNet checkpoint file (then `branch` is required; `load_kwargs` go to
     `load_silanet`: model=, num_classes=, sets=, taps=, head=, ema=, model kwargs), a SilaNet, or any nn.Module
-    returning logits (branch 0). `img_size`: the input size (default: the model's / file's data config).
+    returning logits (branch 0). `img_size`: the example input size (default: the model's / file's data config).
     `batch_size` >= 2 is the example batch (torch.export specialises a size-1 dimension); the file is checked at
-    `batch_size` and 1. Raises ExportError (torch cannot export), ExportParityError (max |delta| > tolerance),
-    MissingExtraError (ONNX without the extra), MemoryBoundError (the example batches cannot fit in memory: see
+    `batch_size` and 1. `dynamic_size`: height and width dynamic too (refused, ValueError, for a model timm marks
+    fixed-size); the file is then also checked at `second_input_size(img_size)`. `exporter` (ONNX only): 'dynamo'
+    (torch.export + torch.onnx), 'torchscript' (torch.onnx's TorchScript-based exporter), or 'auto' = dynamo, then
+    torchscript when dynamo fails (to export, to load, to run or to match); the report says which wrote the file.
+    Raises ExportError (torch cannot export), ExportParityError (the file fails to run or max |delta| > tolerance;
+    with 'auto', whichever the last exporter met, its message naming both exporters' causes), MissingExtraError
+    (ONNX without the extra), MemoryBoundError (the example batches cannot fit in memory: see
     `timm_sila.sizes.check_batch_fits`); in each case `out` is left as it was.
-    Report: format, out, branch, architecture, input_size, mean, std, opset, batch_sizes, max_abs_diff (and per
-    batch size), max_abs_logit, tolerance, bytes, runtime.
+    Report: format, out, branch, architecture, input_size, mean, std, opset, exporter, exporter_reason,
+    dynamic_axes, input_sizes, batch_sizes, max_abs_diff (and per batch size, and per input shape), max_abs_logit,
+    tolerance, bytes, runtime.
     """
     if format not in FORMATS:
         raise ValueError(f'format must be one of {FORMATS}, got {format!r}.')
@@ -265,84 +414,155 @@ def export(
         if isinstance(opset, bool) or not isinstance(opset, int) or opset < 18:
             raise ValueError(f'opset must be an integer >= 18 (the lowest the dynamo exporter writes), got {opset!r}.')
         require_onnx()
+    if exporter not in EXPORTERS:
+        raise ValueError(f'exporter must be one of {EXPORTERS}, got {exporter!r}.')
+    if format == 'pt2' and exporter == 'torchscript':
+        raise ValueError("exporter='torchscript' (CLI --exporter) writes ONNX only: a .pt2 file is always written by "
+                         "torch.export; leave the exporter at auto, or export to ONNX (format='onnx', CLI --format).")
+    if not isinstance(dynamic_size, bool):
+        raise ValueError(f'dynamic_size must be True or False, got {dynamic_size!r}.')
     out = _check_out(out, format, overwrite, source)
 
     model, branch, data_args = load_branch(source, branch, img_size, **load_kwargs)
     cfg = _data_config(model, data_args, img_size)
     arch = _architecture(model)
     what = f'{arch} branch {branch}'
-    check_batch_fits(batch_size, cfg['input_size'], model)  # before the example batches exist
+    chans, height, width = cfg['input_size']
+    sizes = [(height, width)]
+    if dynamic_size:
+        refusal = fixed_size_reason(model, arch)
+        if refusal:
+            raise ValueError(refusal)
+        sizes.append(second_input_size(height, width))
+    for h, w in sizes:  # before the example batches exist
+        check_batch_fits(batch_size, (chans, h, w), model)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(n, *cfg['input_size'], generator=g) for n in (batch_size, 1)]
-    expected = [_reference(model, x, what) for x in batches]
-    program = _export_program(model, batches[0], what)
-    if format == 'onnx':
-        try:
-            with _quiet_stdout():
-                onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False,
-                                                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
-        except Exception as e:
-            raise ExportError(f'torch.onnx cannot convert {what} to ONNX opset {opset}: {_torch_failure(e)}') from e
+    batches = [torch.randn(n, chans, h, w, generator=g) for h, w in sizes for n in (batch_size, 1)]
+    expected = [_reference(model, x, what) for x in batches[:2]]
+    expected += [_reference(model, x, what, f'so it cannot be exported with a dynamic input size (checked at '
+                                            f'{height}x{width} and {_size(x)}); export it without dynamic_size (CLI '
+                                            f'--dynamic-size)') for x in batches[2:]]
     largest = max(float(y.abs().max()) for y in expected)
     tolerance = float(atol) if atol is not None else DEFAULT_RTOL * max(1.0, largest)
-    diffs: Dict[int, float] = {}
+    diffs: Dict[Tuple[int, int, int], float] = {}
 
-    def write_and_verify(tmp: Path) -> None:
-        if format == 'onnx':
+    def verify(run: Callable[[torch.Tensor], Any], tried: str) -> None:
+        """Run the reloaded file on every check batch; ExportParityError when one fails or differs."""
+        diffs.clear()
+        for x, y in zip(batches, expected):
+            try:
+                with torch.no_grad():
+                    diffs[(x.shape[0], x.shape[2], x.shape[3])] = _max_diff(y, run(x))
+            except Exception as e:
+                raise ExportParityError(
+                    f'The {tried} file of {what} fails to run on a batch of {x.shape[0]} at {_size(x)}: '
+                    f'{type(e).__name__}: {_first_line(e)}',
+                    f'the file fails to run on a batch of {x.shape[0]} at {_size(x)}: {_error_line(e)}') from e
+        worst = max(diffs.values())
+        if not worst <= tolerance:
+            at = max(diffs, key=diffs.get)
+            raise ExportParityError(
+                f'The {tried} file of {what} disagrees with PyTorch: max |delta| = {worst:.3g} (batch of {at[0]} at '
+                f'{at[1]}x{at[2]}) > tolerance {tolerance:.3g} (largest |logit| {largest:.3g}); nothing was written. '
+                f'Check the model for ops that behave differently when traced, or pass a larger atol if this '
+                f'difference is acceptable.',
+                f'max |delta| {worst:.3g} > tolerance {tolerance:.3g} (batch of {at[0]} at {at[1]}x{at[2]})')
+
+    def write_onnx(convert: Callable[[], Callable[[Path], None]], tried: str) -> None:
+        save = convert()
+
+        def write_and_verify(tmp: Path) -> None:
             _, ort = require_onnx()
-            onnx_program.save(str(tmp), external_data=False)
+            save(tmp)
             try:
                 session = ort.InferenceSession(str(tmp), providers=['CPUExecutionProvider'])
             except Exception as e:  # onnxruntime rejects graphs torch.onnx wrote (e.g. a dangling node input)
-                raise ExportError(f'onnxruntime cannot load the ONNX graph torch.onnx wrote for {what} (opset '
-                                  f'{opset}): {_torch_failure(e).replace(str(tmp), "<file>")}; nothing was '
-                                  f'written.') from e
-            run = lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-        else:
+                failure = _torch_failure(e).replace(str(tmp), '<file>')
+                raise ExportError(f'onnxruntime cannot load the ONNX graph the {tried} wrote for {what} (opset '
+                                  f'{opset}): {failure}; nothing was written.',
+                                  f'onnxruntime cannot load it: {_error_line(_root(e))}'.replace(str(tmp), '<file>')
+                                  ) from e
+            verify(lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0], f'ONNX ({tried})')
+
+        atomic_write_file(out, write_and_verify, overwrite=overwrite)
+
+    def write_pt2() -> None:
+        program = _export_program(model, batches[0], what, dynamic_size)
+
+        def write_and_verify(tmp: Path) -> None:
             torch.export.save(program, str(tmp))
             try:
                 reloaded = torch.export.load(str(tmp)).module()
             except Exception as e:
                 raise ExportError(f'torch.export.load cannot reload the .pt2 of {what}: {_torch_failure(e)}; '
                                   f'nothing was written.') from e
-            run = lambda x: reloaded(x).detach()
-        for x, y in zip(batches, expected):
-            try:
-                with torch.no_grad():
-                    diffs[x.shape[0]] = _max_diff(y, run(x))
-            except Exception as e:
-                raise ExportParityError(f'The exported {format} file of {what} fails to run on a batch of '
-                                        f'{x.shape[0]}: {type(e).__name__}: {_first_line(e)}') from e
-        worst = max(diffs.values())
-        if not worst <= tolerance:
-            raise ExportParityError(
-                f'The exported {format} file of {what} disagrees with PyTorch: max |delta| = {worst:.3g} over '
-                f'batches of {sorted(diffs)} > tolerance {tolerance:.3g} (largest |logit| {largest:.3g}); nothing '
-                f'was written. Check the model for ops that behave differently when traced, or pass a larger atol '
-                f'if this difference is acceptable.')
+            verify(lambda x: reloaded(x).detach(), 'pt2')
 
-    atomic_write_file(out, write_and_verify, overwrite=overwrite)
+        atomic_write_file(out, write_and_verify, overwrite=overwrite)
+
+    onnx_exporters = {
+        'dynamo': lambda: write_onnx(lambda: _dynamo_onnx(_export_program(model, batches[0], what, dynamic_size),
+                                                          opset, what), 'dynamo exporter'),
+        'torchscript': lambda: write_onnx(lambda: _torchscript_onnx(model, batches[0], opset, dynamic_size, what),
+                                          'TorchScript exporter'),
+    }
+    if format == 'pt2':
+        write_pt2()
+        used, reason = 'torch.export', None
+    elif exporter != 'auto':
+        onnx_exporters[exporter]()
+        used, reason = exporter, 'requested'
+    else:
+        try:
+            onnx_exporters['dynamo']()
+            used, reason = 'dynamo', None
+        except (ExportError, ExportParityError) as dynamo_failed:
+            try:
+                onnx_exporters['torchscript']()
+            except (ExportError, ExportParityError) as torchscript_failed:
+                raise type(torchscript_failed)(
+                    f'Neither ONNX exporter can export {what}: dynamo: {dynamo_failed.cause}; torchscript: '
+                    f'{torchscript_failed.cause}. Nothing was written.',
+                    f'dynamo: {dynamo_failed.cause}; torchscript: {torchscript_failed.cause}') from torchscript_failed
+            used, reason = 'torchscript', f'dynamo failed: {dynamo_failed.cause}'
+
     if format == 'onnx':
         import onnxruntime
         runtime = f'onnxruntime {onnxruntime.__version__}'
     else:
         runtime = f'torch {torch.__version__}'
+    per_batch: Dict[str, float] = {}
+    for (n, _, _), d in sorted(diffs.items()):
+        per_batch[str(n)] = max(d, per_batch.get(str(n), 0.0))
     return dict(format=format, out=str(out), branch=branch, architecture=arch,
                 input_size=list(cfg['input_size']), mean=list(cfg['mean']), std=list(cfg['std']),
-                opset=opset if format == 'onnx' else None, input_name=INPUT_NAME, output_name=OUTPUT_NAME,
-                batch_sizes=sorted(diffs), max_abs_diff=max(diffs.values()),
-                max_abs_diff_per_batch={str(k): v for k, v in sorted(diffs.items())}, max_abs_logit=largest,
-                tolerance=tolerance, bytes=out.stat().st_size, runtime=runtime)
+                opset=opset if format == 'onnx' else None, exporter=used, exporter_reason=reason,
+                input_name=INPUT_NAME, output_name=OUTPUT_NAME,
+                dynamic_axes=['batch', 'height', 'width'] if dynamic_size else ['batch'],
+                input_sizes=[list(s) for s in sizes], batch_sizes=sorted({n for n, _, _ in diffs}),
+                max_abs_diff=max(diffs.values()), max_abs_diff_per_batch=per_batch,
+                max_abs_diff_per_input={f'{n}x{chans}x{h}x{w}': d for (n, h, w), d in sorted(diffs.items())},
+                max_abs_logit=largest, tolerance=tolerance, bytes=out.stat().st_size, runtime=runtime)
+
+
+_EXPORTER_NAMES = {'dynamo': "torch.onnx's dynamo exporter", 'torchscript': "torch.onnx's TorchScript exporter",
+                   'torch.export': 'torch.export'}
 
 
 def format_export(report: Dict[str, Any]) -> str:
-    """Two lines for the CLI: what was written and its verification."""
+    """Two lines for the CLI: what was written (by which exporter, and why) and its verification."""
     fmt = report['format'] + (f' (opset {report["opset"]})' if report['opset'] else '')
+    by = _EXPORTER_NAMES.get(report.get('exporter'), report.get('exporter'))
+    if report.get('exporter_reason'):
+        by += f' ({report["exporter_reason"]})'
+    axes = report.get('dynamic_axes', ['batch'])
+    dynamic = 'batch dimension dynamic' if axes == ['batch'] else f'{", ".join(axes[:-1])} and {axes[-1]} dynamic'
+    sizes = ' and '.join('x'.join(map(str, s)) for s in report.get('input_sizes', [report['input_size'][1:]]))
     return (f'wrote {report["out"]} ({report["bytes"]:,} bytes): {report["architecture"]} branch '
-            f'{report["branch"]} as {fmt}, input (batch, {", ".join(map(str, report["input_size"]))}), batch '
-            f'dimension dynamic\nverified with {report["runtime"]} on batches of {report["batch_sizes"]}: max |delta| '
-            f'= {report["max_abs_diff"]:.2e} <= tolerance {report["tolerance"]:.2e}; feed images normalised with '
-            f'mean={_fmt_floats(report["mean"])} std={_fmt_floats(report["std"])}')
+            f'{report["branch"]} as {fmt} by {by}, input (batch, {", ".join(map(str, report["input_size"]))}), '
+            f'{dynamic}\nverified with {report["runtime"]} on batches of {report["batch_sizes"]} at {sizes}: max '
+            f'|delta| = {report["max_abs_diff"]:.2e} <= tolerance {report["tolerance"]:.2e}; feed images normalised '
+            f'with mean={_fmt_floats(report["mean"])} std={_fmt_floats(report["std"])}')
 
 
 def _fmt_floats(values: Sequence[float]) -> str:
@@ -350,9 +570,10 @@ def _fmt_floats(values: Sequence[float]) -> str:
 
 
 def export_check(model_name: str, img_size: int, branch: int, format: str = 'onnx', num_classes: int = 10,
-                 **model_kwargs) -> Tuple[bool, str]:
+                 exporter: str = 'auto', dynamic_size: bool = False, **model_kwargs) -> Tuple[bool, str]:
     """(ok, reason) for the coverage sweep: can branch `branch` of `model_name` (random weights) be exported
-    to `format` and pass the parity check? reason: 'max |delta| ...' when ok, else the one-line failure."""
+    to `format` and pass the parity check? reason: 'max |delta| ... by EXPORTER[ (why)]' when ok, else the
+    one-line failure."""
     try:
         if branch == 0:
             model = create_with_img_size(base_arch(model_name), img_size, num_classes=num_classes, **model_kwargs)
@@ -360,12 +581,15 @@ def export_check(model_name: str, img_size: int, branch: int, format: str = 'onn
             model = create_with_img_size(sila_name(model_name), img_size, num_classes=num_classes, sila_branch=branch,
                                          sila_stripped=True, **model_kwargs)
         with tempfile.TemporaryDirectory(prefix='timm-sila-export-check-') as tmp:
-            report = export(model.eval(), branch, format, Path(tmp) / f'model.{format}', img_size=img_size)
+            report = export(model.eval(), branch, format, Path(tmp) / f'model.{format}', img_size=img_size,
+                            exporter=exporter, dynamic_size=dynamic_size)
     except MissingExtraError:
         raise
     except Exception as e:  # the sweep records every failure, whatever raised it
         return False, f'{type(e).__name__}: {_first_line(e)}'
-    return True, f'max |delta| {report["max_abs_diff"]:.1e} (tolerance {report["tolerance"]:.1e})'
+    why = f' ({report["exporter_reason"]})' if report['exporter_reason'] else ''
+    return True, (f'max |delta| {report["max_abs_diff"]:.1e} (tolerance {report["tolerance"]:.1e}) by '
+                  f'{report["exporter"]}{why}')
 
 
 # --- CLI: timm-sila export (parser: timm_sila_cli) --------------------------------------------------------------
@@ -388,7 +612,7 @@ def run_export(args: Any) -> int:
     try:
         report = export(args.source, args.branch, args.format, args.out, img_size=args.img_size,
                         batch_size=args.batch_size, atol=args.atol, opset=args.opset, overwrite=args.force,
-                        **cli_load_kwargs(args))
+                        dynamic_size=args.dynamic_size, exporter=args.exporter, **cli_load_kwargs(args))
     except MemoryBoundError as e:  # the API's message names batch_size / img_size; the CLI's flags differ
         raise ValueError(e.message('--batch-size', '--img-size')) from e
     if args.json:

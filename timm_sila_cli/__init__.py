@@ -249,9 +249,11 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         'export', help='one branch as ONNX (checked with onnxruntime) or torch.export .pt2',
         description='Export one branch (0 = the base model, k >= 1 = backbone up to tap k + head k) with a dynamic '
-                    'batch dimension, reload the file (onnxruntime / torch.export.load), and compare it with the '
-                    'PyTorch model on a random batch; past the tolerance the export fails and nothing is written. '
-                    'ONNX needs pip install "timm-sila[export]".')
+                    'batch dimension (and dynamic height and width with --dynamic-size), reload the file '
+                    '(onnxruntime / torch.export.load), and compare it with the PyTorch model on random batches; past '
+                    'the tolerance the export fails and nothing is written. ONNX is written by torch.onnx\'s dynamo '
+                    'exporter, or by its TorchScript exporter when dynamo fails (--exporter). ONNX needs pip install '
+                    '"timm-sila[export]".')
     p.add_argument('source', type=_path, help='folder written by `timm-sila strip`, or a SilaNet checkpoint file')
     p.add_argument('--branch', type=_non_negative_int, default=None,
                    help='branch to export (required for a checkpoint; a folder holds one branch)')
@@ -262,6 +264,12 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--atol', type=_non_negative_float, default=None,
                    help='absolute tolerance on max |delta| (default: 1e-4 x max(1, max |logit|))')
     p.add_argument('--opset', type=_positive_int, default=18, help='ONNX opset (default 18)')
+    p.add_argument('--dynamic-size', action='store_true',
+                   help='make height and width dynamic too (models that take any input size; refused for fixed-size '
+                        'ones); the file is also checked at a second size, 32 rows and 64 columns larger')
+    p.add_argument('--exporter', choices=('auto', 'dynamo', 'torchscript'), default='auto',
+                   help="ONNX exporter: auto (default: torch.onnx's dynamo exporter, then its TorchScript exporter "
+                        'if dynamo fails), dynamo, or torchscript')
     p.add_argument('--model', default=None, help='SilaNet name (e.g. sila_resnet18) when the checkpoint does not say')
     _sila_options(p)
     p.add_argument('--ema', action='store_true', help="export the checkpoint's EMA weights")
