@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Union
 import torch.nn as nn
 
 from .atomic import atomic_write_file
-from .config import sanitize_file_data_config
+from .config import read_file_json, sanitize_file_data_config
 from .sizes import branch_sizes
 from .model import SilaNet
 from .shipping import CONFIG_NAME, load_stripped
@@ -93,7 +93,7 @@ def model_card(
     if model is None:
         model = load_stripped(folder)
     size = branch_sizes(model)[0]
-    config = _read_json(folder / CONFIG_NAME)
+    config = read_file_json(folder / CONFIG_NAME)  # bounded: the folder may be a stranger's
     file_cfg = config.get('pretrained_cfg') if isinstance(config, dict) else None
     cfg = dict(model.pretrained_cfg or {}, **sanitize_file_data_config(
         file_cfg if isinstance(file_cfg, dict) else {}, folder / CONFIG_NAME))
