@@ -14,22 +14,28 @@ paths or downloads. So values read from a file pass through this module before t
 * `sanitize_file_data_config` range-checks mean / std / crop_pct / input_size / interpolation; an empty or None
   value means "the model's default", as in timm's `resolve_data_config`.
 * `check_file_architecture` accepts only a registered model name (no `hf-hub:` / `local-dir:` source prefix).
+* `FILE_LIMITS` bounds every size a file may set (classes, channels, depth, widths, input size, crop, JSON size and
+  nesting, compressed-storage expansion) to what real timm models use, with a margin, so that no file can make
+  timm-sila do unbounded work; both sanitizers enforce it, `parse_file_json` / `read_file_json` read JSON with it.
 
 Exceptions for files that are read (all are `ValueError`s, so the CLI reports them in one line):
     CheckpointError(ValueError)       a file cannot be read safely, is not a SilaNet's, or does not match the model
       UnsafeFileError(CheckpointError)  a file asks for something a file may not choose (key, type or range)
 Errors of writes are in `timm_sila.atomic` (`OutputError` and subclasses).
 """
+import json
 import math
 import numbers
 import re
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 __all__ = [
     'CheckpointError', 'UnsafeFileError', 'SilaConfig', 'SILA_PREFIX', 'SILA_KWARGS', 'FILE_MODEL_KWARGS',
     'sila_name', 'base_arch', 'is_sila_name', 'sila_kwargs',
     'DATA_CONFIG_KEYS', 'sanitize_file_model_kwargs', 'sanitize_file_data_config', 'check_file_architecture',
+    'Bound', 'FILE_LIMITS', 'bound_violation', 'parse_file_json', 'read_file_json',
 ]
 
 SILA_PREFIX = 'sila_'
@@ -205,6 +211,144 @@ def sila_kwargs(**settings: Any) -> Dict[str, Any]:
     return {SILA_PREFIX + k: (list(v) if k == 'taps' and isinstance(v, tuple) else v)
             for k, v in settings.items() if v is not None}
 
+# --- bounds on every size a file may set -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Bound:
+    """The range a file may give one size, and why. A number must lie in [lo, hi] (`lo_open`: above lo); a list
+    has at most `max_len` items, each number of it in range, and a sum of at most `max_total` where one is set;
+    `values`, where set, are the only numbers allowed. Names in a list (e.g. sila_taps) are not numbers here."""
+    lo: float
+    hi: float
+    why: str
+    lo_open: bool = False
+    max_len: int = 16
+    max_total: Optional[float] = None
+    values: Optional[Tuple[float, ...]] = None
+
+
+# Derived from timm 1.0.31: its 3,394 registered pretrained cfgs and the literal model arguments of timm/models/*.py
+# (entrypoint model_args and constructor defaults), scanned programmatically; the margin is stated with each bound.
+# A value within these bounds can still disagree with the file's own weights: `checkpoint.build_checked` compares
+# them on the meta device before anything is built for real.
+FILE_LIMITS: Dict[str, Bound] = {
+    # classifier and input
+    'num_classes': Bound(0, 262_144, "2.3x the largest registered classifier, the 115,217 classes "
+                                     "of vit_base_patch16_224.bamboo"),
+    'in_chans': Bound(1, 1024, "every registered cfg takes 3 channels; 1024 leaves room for hyperspectral images "
+                               "of a few hundred bands"),
+    'img_size': Bound(1, 4096, "4x the largest registered input side, 1024 of the SAM ViTs and sapiens2; also "
+                               "each side of input_size", max_len=2),
+    'patch_size': Bound(1, 64, "2x the largest registered patch, 32", max_len=3),
+    'window_size': Bound(1, 64, "2.7x the largest registered window, 24 of swinv2_large_window12to24_192to384",
+                         max_len=4),
+    'output_stride': Bound(8, 32, "the strides timm's dilated backbones accept: resnet, convnext and regnet "
+                                  "assert one of them", values=(8, 16, 32)),
+    # depths: transformer blocks, blocks per stage
+    'depth': Bound(1, 128, "2x the deepest registered transformer, the 64 blocks of eva02_enormous; a list "
+                           "of stages at most 256 in all", max_total=256),
+    'depths': Bound(1, 128, "2.1x the longest registered stage, 60 blocks of mvitv2_huge; at most 256 in all, "
+                            "1.8x the 139 blocks of the deepest registered model, resnetrs420", max_total=256),
+    'layers': Bound(1, 128, "1.5x the longest registered stage, 87 blocks of resnetrs420; at most 256 in all, "
+                            "1.8x its 139 blocks", max_total=256),
+    # widths
+    'embed_dim': Bound(1, 8192, "2x the widest registered embedding, 4096 of vit_7b_patch16_dinov3"),
+    'embed_dims': Bound(1, 8192, "2.7x the widest registered stage, 3072 of davit_giant"),
+    'dims': Bound(1, 8192, "2.7x the widest registered stage, 3072 of convnext_xxlarge"),
+    'head_hidden_size': Bound(1, 8192, "4x the widest registered pre-logits layer, 2048 of coatnet_5"),
+    'stem_width': Bound(1, 1024, "5x the widest registered stem, 192 of vitamin_xlarge_384"),
+    'num_heads': Bound(1, 256, "2x the most registered attention heads, 128 of swinv2_cr_giant"),
+    'reg_tokens': Bound(0, 32, "3.5x the most registered register tokens, 9 of vit_huge_patch16_radio_v4"),
+    'mlp_ratio': Bound(0, 16, "1.9x the largest registered MLP ratio, 15360 / 1792 = 8.57 of eva02_enormous",
+                       lo_open=True),
+    'width_multiplier': Bound(0, 8, "6.4x the largest registered width multiplier, 1.25 of cs3sedarknet_xdw",
+                              lo_open=True),
+    'channel_multiplier': Bound(0, 8, "1.9x the largest registered channel multiplier, 4.3 of tf_efficientnet_l2",
+                                lo_open=True),
+    'depth_multiplier': Bound(0, 8, "1.5x the largest registered depth multiplier, 5.3 of tf_efficientnet_l2",
+                              lo_open=True),
+    # SilaNet settings
+    'sila_sets': Bound(2, 32, "the paper uses 3; every auxiliary set taps its own stage, and a model has at most a "
+                              "few dozen: one per stage, or one per block of a ViT"),
+    'sila_taps': Bound(-64, 64, "one tap per auxiliary set, at most sila_sets - 1 = 31", max_len=31),
+    'sila_branch': Bound(0, 31, "a set index below sila_sets"),
+    # data config
+    'crop_pct': Bound(0.5, 2.0, "registered cfgs use 0.875-1.15; below 0.5 an image is resized to more than twice "
+                                "the crop side, 0.002 to 500x"),
+    # files themselves
+    'json_bytes': Bound(0, 1 << 20, "a config.json or early-exit metadata written by timm-sila is 1-3 KB"),
+    'json_depth': Bound(0, 32, "a config.json nests 3 levels; deeper JSON only exhausts the parser's recursion"),
+    'zip_expansion': Bound(0, 4, "torch.save stores entries uncompressed, ratio 1; deflate-compressed entries may "
+                                 "expand to 4x the file's size plus 1 MiB, never to gigabytes"),
+}
+"""Upper (and where needed lower) bound of every size a file may set, with the reason, by key."""
+
+
+def bound_violation(key: str, value: Any) -> Optional[str]:
+    """Why `value` of `key` lies outside FILE_LIMITS[key] ('... above the bound 262144 (reason)'), or None when it
+    lies inside or `key` has no bound. Values of the wrong type are the type checks' business, not this one's."""
+    bound = FILE_LIMITS.get(key)
+    if bound is None or isinstance(value, (str, bool)) or value is None:
+        return None
+    is_list = isinstance(value, (list, tuple))
+    items = list(value) if is_list else [value]
+    why = f' ({bound.why})'
+    if is_list and len(items) > bound.max_len:
+        return f'a list of {len(items)} items, more than the bound of {bound.max_len}{why}'
+    numbers_ = [v for v in items if _is_real(v)]
+    for v in numbers_:
+        if bound.values is not None and v not in bound.values:
+            return f'{v!r} is not one of the allowed values {bound.values}{why}'
+        if v > bound.hi:
+            return f'{v!r} is above the bound {bound.hi:g}{why}'
+        if v < bound.lo or (bound.lo_open and v <= bound.lo):
+            return f'{v!r} is below the bound {">" if bound.lo_open else ">="} {bound.lo:g}{why}'
+    if bound.max_total is not None and is_list and sum(numbers_) > bound.max_total:
+        return f'its items add up to {sum(numbers_)!r}, above the bound {bound.max_total:g}{why}'
+    return None
+
+
+def _json_depth(text: str) -> int:
+    """Deepest nesting of [ and { in JSON text, strings skipped (linear, no recursion)."""
+    depth = deepest = 0
+    for bracket in re.findall(r'[\[\]{}]', re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)):
+        depth = depth + 1 if bracket in '[{' else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def parse_file_json(text: Union[str, bytes], source: Any, parse_constant: Optional[Callable[[str], Any]] = None
+                    ) -> Any:
+    """JSON text read from file `source`, within FILE_LIMITS' 'json_bytes' and 'json_depth'.
+
+    Bytes must be UTF-8. Raises CheckpointError naming `source` for text over the bounds, undecodable or invalid
+    JSON (never RecursionError); `parse_constant` is json.loads' (e.g. to refuse NaN / Infinity)."""
+    size, depth_bound = FILE_LIMITS['json_bytes'], FILE_LIMITS['json_depth']
+    if len(text) > size.hi:
+        raise CheckpointError(f'Cannot read {source}: it holds {len(text):,} bytes of JSON, above the bound of '
+                              f'{int(size.hi):,} ({size.why}).')
+    try:
+        if isinstance(text, bytes):
+            text = text.decode('utf-8')
+        depth = _json_depth(text)
+        if depth > depth_bound.hi:
+            raise CheckpointError(f'Cannot read {source}: its JSON nests {depth} levels deep, above the bound of '
+                                  f'{int(depth_bound.hi)} ({depth_bound.why}).')
+        return json.loads(text, parse_constant=parse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f'Cannot read {source}: it is not valid UTF-8 JSON ({first}).') from None
+
+
+def read_file_json(path: Union[str, Path]) -> Any:
+    """The JSON document in file `path` (parse_file_json's bounds; a larger file is not read past the bound)."""
+    path = Path(path)
+    with path.open('rb') as f:
+        data = f.read(int(FILE_LIMITS['json_bytes'].hi) + 1)
+    return parse_file_json(data, path)
+
+
 # --- the create_model arguments a file may set -------------------------------------------------------------
 _COUNT = _spec(_int(0), 'an integer >= 0')
 _POSITIVE = _spec(_POS, 'an integer >= 1')
@@ -246,7 +390,8 @@ def sanitize_file_model_kwargs(kwargs: Any, source: Any, overridden: Iterable[st
 
     Returns a new dict (tuples become lists, None values dropped). Keys in `overridden` -- those the caller passes
     explicitly, so the file's value is never used -- are dropped unchecked. Raises UnsafeFileError naming the key
-    and the file for any key off the allow-list or value of the wrong type / range; never warns and continues.
+    and the file for any key off the allow-list or value of the wrong type / range or outside `FILE_LIMITS` (the
+    message names the value and the bound); never warns and continues.
     """
     if kwargs is None:
         return {}
@@ -274,8 +419,21 @@ def sanitize_file_model_kwargs(kwargs: Any, source: Any, overridden: Iterable[st
         if not check(value):
             raise UnsafeFileError(f'{source} sets the model argument {key}={_short(value)}, which must be '
                                   f'{_describe(check)}.', key, str(source))
+        _check_bound(key, value, source, 'model argument')
         out[key] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def _check_bound(key: str, value: Any, source: Any, what: str, part: Any = None, bound_key: str = '',
+                 part_name: str = '') -> None:
+    """UnsafeFileError naming the file, key, value and bound when `value` (or `part` of it, bounded as
+    `bound_key`) lies outside FILE_LIMITS."""
+    problem = bound_violation(bound_key or key, value if part is None else part)
+    if problem is not None:
+        hint = (f' If the file is right, pass {key} yourself, which replaces the file\'s value.'
+                if what == 'model argument' else '')
+        raise UnsafeFileError(f'{source} sets the {what} {key}={_short(value)}: {part_name}{problem}.{hint}', key,
+                              str(source))
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -286,7 +444,6 @@ def _short(value: Any, limit: int = 80) -> str:
 # --- data config ---------------------------------------------------------------------------------------------
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')  # timm's str_to_interp_mode
 CROP_MODES = ('center', 'squash', 'border')
-_MAX_SIDE = 65536
 
 _DATA_CHECKS: Dict[str, Callable[[Any], bool]] = {
     'input_size': _spec(_seq(_int(1), 3, 3), 'a list of 3 integers >= 1 (channels, height, width)'),
@@ -294,8 +451,7 @@ _DATA_CHECKS: Dict[str, Callable[[Any], bool]] = {
     'in_chans': _POSITIVE,
     'mean': _spec(_seq(_real(0.0, 1.0), 1, 4), 'a list of 1-4 numbers in [0, 1]'),
     'std': _spec(_seq(_real(0.0, 1.0, lo_open=True), 1, 4), 'a list of 1-4 numbers in (0, 1]'),
-    # timm's own registry uses crop_pct up to 1.15 (crop larger than the resized image)
-    'crop_pct': _spec(_real(0.0, 2.0, lo_open=True), 'a number in (0, 2]'),
+    'crop_pct': _spec(_real(0.0, lo_open=True), 'a finite number > 0'),  # range: FILE_LIMITS['crop_pct']
     'crop_mode': _spec(lambda v: v in CROP_MODES, f'one of {CROP_MODES}'),
     'interpolation': _spec(lambda v: v in INTERPOLATIONS, f'one of {INTERPOLATIONS}'),
 }
@@ -306,8 +462,9 @@ def sanitize_file_data_config(config: Any, source: Any) -> Dict[str, Any]:
     """The data config keys of `config` (read from file `source`), range-checked.
 
     Only DATA_CONFIG_KEYS are kept (other keys are not data config and are ignored); None and '' mean the model's
-    default (timm's resolve_data_config) and are dropped; a value of the wrong type or range raises UnsafeFileError.
-    Sizes and mean/std are returned as tuples; sides are limited to 65536 pixels.
+    default (timm's resolve_data_config) and are dropped; a value of the wrong type or range, or outside
+    `FILE_LIMITS` (input_size: its channels as 'in_chans', its sides as 'img_size'), raises UnsafeFileError.
+    Sizes and mean/std are returned as tuples.
     """
     if config is None:
         return {}
@@ -319,13 +476,14 @@ def sanitize_file_data_config(config: Any, source: Any) -> Dict[str, Any]:
         value = config.get(key)
         if value is None or value == '':
             continue
-        sides = value[1:] if key == 'input_size' and isinstance(value, (list, tuple)) else value
-        too_big = any(_is_int(s) and s > _MAX_SIDE for s in (sides if isinstance(sides, (list, tuple)) else [sides]))
-        if not check(value) or (key in ('input_size', 'img_size') and too_big):
+        if not check(value):
             raise UnsafeFileError(f'{source} gives the data config value {key}={_short(value)}, which must be '
-                                  f'{_describe(check)}' + (f' (at most {_MAX_SIDE} pixels a side)'
-                                                           if key in ('input_size', 'img_size') else '') + '.',
-                                  key, str(source))
+                                  f'{_describe(check)}.', key, str(source))
+        if key == 'input_size':
+            _check_bound(key, value, source, 'data config value', value[0], 'in_chans', 'its channels: ')
+            _check_bound(key, value, source, 'data config value', list(value[1:]), 'img_size', 'a side: ')
+        else:
+            _check_bound(key, value, source, 'data config value')
         out[key] = tuple(value) if isinstance(value, (list, tuple)) else value
     return out
 

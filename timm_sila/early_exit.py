@@ -253,20 +253,19 @@ class EarlyExit(nn.Module):
 
         The file may choose weights, never code, URLs, paths or downloads: its model arguments pass the allow-list
         of `timm_sila.config.sanitize_file_model_kwargs`, the architecture must be a registered name, tensors must
-        match the model (no silent dtype cast) and the exit configuration must be finite. Anything else raises one
-        `CheckpointError` (a ValueError) naming the file; loading performs no network access and writes nothing.
+        match the model (checked on the meta device before it is built; no silent dtype cast) and the exit
+        configuration must be finite. The metadata JSON and every size in it are bounded (`timm_sila.config.
+        FILE_LIMITS`). Anything else raises one `CheckpointError` (a ValueError) naming the file; loading performs no
+        network access and writes nothing.
         """
-        import timm
-        from .checkpoint import load_state_dict_checked, read_safetensors
-        from .config import CheckpointError, check_file_architecture, sanitize_file_model_kwargs, sila_name
+        from .checkpoint import build_checked, read_safetensors
+        from .config import (CheckpointError, check_file_architecture, parse_file_json, sanitize_file_model_kwargs,
+                             sila_name)
         tensors, metadata = read_safetensors(path)
         raw = metadata.get('timm_sila')
         if raw is None:
             raise CheckpointError(f'{path} has no timm_sila early-exit metadata; save it with EarlyExit.save().')
-        try:
-            meta = json.loads(raw, parse_constant=_refuse_constant)
-        except ValueError as e:
-            raise CheckpointError(f'{path}: its early-exit metadata is not JSON of finite numbers ({e}).') from None
+        meta = parse_file_json(raw, f'the early-exit metadata of {path}', parse_constant=_refuse_constant)
         cfg = meta.get('early_exit') if isinstance(meta, dict) else None
         num_classes = meta.get('num_classes') if isinstance(meta, dict) else None
         if (not isinstance(cfg, dict) or not isinstance(meta.get('arch'), str) or isinstance(num_classes, bool)
@@ -277,11 +276,10 @@ class EarlyExit(nn.Module):
                                   f'EarlyExit.save().')
         name = check_file_architecture(sila_name(check_file_architecture(meta['arch'], path)), path)
         kwargs = sanitize_file_model_kwargs(meta.get('model_args'), path, overridden=('num_classes',))
-        try:
-            model = timm.create_model(name, num_classes=num_classes, **kwargs)
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f'{path}: cannot rebuild {name} from its model arguments {kwargs}: {e}') from None
-        load_state_dict_checked(model, tensors, path, what=name)
+        kwargs.update(sanitize_file_model_kwargs({'num_classes': num_classes}, path))
+        origins = {k: f'model_args.{k}' for k in kwargs}
+        origins['num_classes'] = 'num_classes'
+        model = build_checked(name, kwargs, tensors, path, origins=origins, what=name)
         try:
             return cls(model.eval(), thresholds=cfg['thresholds'], policy=cfg['policy'],
                        temperatures=cfg['temperatures'])

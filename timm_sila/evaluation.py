@@ -158,8 +158,10 @@ def _load_stripped_folder(args: argparse.Namespace) -> nn.Module:
 
 
 def _load_model(args: argparse.Namespace):
-    """(model, checked data-config args from the checkpoint) for the CLI arguments."""
-    from .checkpoint import read_checkpoint, load_silanet, create_with_img_size
+    """(model, checked data-config args from the checkpoint) for the CLI arguments. Both a SilaNet and a plain timm
+    checkpoint are checked against their weights before the model is built and loaded strictly
+    (`checkpoint.build_checked`): integer tensors are refused, never cast."""
+    from .checkpoint import build_checked, load_silanet, read_checkpoint
     from .cli import check_model_name
     from .config import is_sila_name, sanitize_file_data_config
     name = args.model
@@ -169,27 +171,24 @@ def _load_model(args: argparse.Namespace):
     if not args.checkpoint:
         raise ValueError(f'--model {name} needs --checkpoint CKPT (or use --model local-dir:DIR for a stripped '
                          f'folder).')
-    ckpt = read_checkpoint(args.checkpoint)
+    ckpt = read_checkpoint(args.checkpoint, ['num_classes'] if args.num_classes is not None else [])
     data_args = sanitize_file_data_config(ckpt.data_config, source=args.checkpoint)
     is_sila = is_sila_name(name) or (
         any(k.startswith('heads.') for k in ckpt.state_dict) and any(k.startswith('base.') for k in ckpt.state_dict))
     if is_sila:
         model = load_silanet(ckpt, model=name, num_classes=args.num_classes, ema=args.ema, img_size=args.img_size)
         return model, data_args
-    state_dict = ckpt.state_dict_ema if args.ema else ckpt.state_dict
-    if state_dict is None:
-        raise ValueError(f'--ema was asked, but {args.checkpoint} has no state_dict_ema.')
-    kwargs = dict(ckpt.model_kwargs)
+    state_dict = ckpt.weights(args.ema)
+    kwargs, origins = dict(ckpt.model_kwargs), dict(ckpt.origins)
     if args.num_classes is not None:
-        kwargs['num_classes'] = args.num_classes
-    try:
-        model = create_with_img_size(name.split('.', 1)[0], args.img_size, **kwargs)
-    except TypeError as e:
-        raise ValueError(f'cannot build {name} with the arguments in {args.checkpoint} ({kwargs}): {e}') from e
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise ValueError(f'{args.checkpoint} does not match {name}({kwargs}): missing {list(missing)[:3]}, '
-                         f'unexpected {list(unexpected)[:3]}; pass the right --model / --num-classes.')
+        kwargs['num_classes'], origins['num_classes'] = args.num_classes, '--num-classes'
+    img_size = args.img_size
+    if img_size is not None:
+        kwargs.pop('img_size', None)  # the explicit size wins over the file's model_kwargs
+    elif 'img_size' not in kwargs:
+        img_size = ckpt.img_size
+    model = build_checked(name.split('.', 1)[0], kwargs, state_dict, args.checkpoint, img_size=img_size,
+                          origins=origins, hint='Pass the right --model / --num-classes.')
     return model.eval(), data_args
 
 

@@ -14,8 +14,8 @@ from typing import Any, Dict, Optional, Union
 import torch.nn as nn
 
 from .atomic import atomic_write_file
-from .config import sanitize_file_data_config
-from .metrics import check_params, read_eval_metrics, read_json_file
+from .config import read_file_json, sanitize_file_data_config
+from .metrics import check_params, read_eval_metrics
 from .sizes import branch_sizes
 from .model import SilaNet
 from .shipping import CONFIG_NAME, load_stripped
@@ -25,7 +25,6 @@ __all__ = ['model_card', 'write_model_card', 'CARD_NAME']
 CARD_NAME = 'README.md'
 _REPO_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$')
 _PLAIN = re.compile(r'^[A-Za-z0-9_.:/ -]{1,64}$')  # text from a metrics file shown in the card: short, no markup
-MAX_CONFIG_BYTES = 16 << 20  # a config.json with label names and descriptions of 21k classes is a few MB
 
 
 def _metrics_row(metrics: Union[str, Path, Dict[str, Any]], branch: int, params: int) -> Dict[str, Any]:
@@ -42,11 +41,6 @@ def _metrics_row(metrics: Union[str, Path, Dict[str, Any]], branch: int, params:
     out['num_samples'] = checked['num_samples']
     out['split'] = split if split is not None and _PLAIN.match(split) else None
     return out
-
-
-def _read_json(path: Path) -> Any:
-    return read_json_file(path, 'Config file', max_bytes=MAX_CONFIG_BYTES,
-                          hint='Write the folder again with `timm-sila strip`.')
 
 
 def _floats(values) -> str:
@@ -78,7 +72,7 @@ def model_card(
     if model is None:
         model = load_stripped(folder)
     size = branch_sizes(model)[0]
-    config = _read_json(folder / CONFIG_NAME)
+    config = read_file_json(folder / CONFIG_NAME)  # bounded: the folder may be a stranger's
     file_cfg = config.get('pretrained_cfg') if isinstance(config, dict) else None
     cfg = dict(model.pretrained_cfg or {}, **sanitize_file_data_config(
         file_cfg if isinstance(file_cfg, dict) else {}, folder / CONFIG_NAME))

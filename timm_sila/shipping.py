@@ -19,10 +19,9 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import (
-    Checkpoint, CheckpointError, _first_line, _overridden, load_silanet,
-    load_state_dict_checked, read_checkpoint, read_safetensors)
+    Checkpoint, CheckpointError, _overridden, build_checked, load_silanet, read_checkpoint, read_safetensors)
 from .config import (
-    sila_name, check_file_architecture, sanitize_file_data_config, sanitize_file_model_kwargs)
+    sila_name, check_file_architecture, read_file_json, sanitize_file_data_config, sanitize_file_model_kwargs)
 from .model import SilaNet, prune_base
 from .timm_compat import model_args, save_config_for_hf
 
@@ -177,10 +176,7 @@ def strip(
 
 
 def _read_config(path: Path) -> Dict[str, Any]:
-    try:
-        config = json.loads(path.read_text(encoding='utf-8'))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f'Cannot read {path}: it is not valid UTF-8 JSON ({_first_line(e)}).') from e
+    config = read_file_json(path)  # bounded in size and nesting: a stranger's file
     if not isinstance(config, dict):
         raise CheckpointError(f'{path} must hold a JSON object, got {type(config).__name__}.')
     return config
@@ -192,7 +188,9 @@ def load_stripped(out_dir: Union[str, Path], **model_kwargs) -> nn.Module:
     The folder is read as a stranger's: config.json's `architecture` must be a registered timm name, its
     `model_args` pass the allow-list of `timm_sila.config` (an argument given here replaces the file's, which is
     then not read), only the data config fields of its `pretrained_cfg` are used (range-checked); the model is
-    built with pretrained=False and model.safetensors loaded strictly. Nothing is fetched or written.
+    checked against model.safetensors on the meta device, then built with pretrained=False and the weights loaded
+    strictly (`build_checked`). config.json is read within the JSON bounds of `timm_sila.config.FILE_LIMITS`.
+    Nothing is fetched or written.
     """
     out_dir = Path(out_dir)
     config_path, weights_path = out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME
@@ -201,19 +199,18 @@ def load_stripped(out_dir: Union[str, Path], **model_kwargs) -> nn.Module:
     config = _read_config(config_path)
     arch = check_file_architecture(config.get('architecture'), config_path)
     args = sanitize_file_model_kwargs(config.get('model_args'), config_path, overridden=model_kwargs)
+    origins = {k: f'model_args.{k}' for k in args}
     if 'num_classes' not in args and config.get('num_classes') is not None:
         args.update(sanitize_file_model_kwargs({'num_classes': config['num_classes']}, config_path, model_kwargs))
+        origins.setdefault('num_classes', 'num_classes')
     args.update(model_kwargs)
+    origins.update({k: f'{k} (given)' for k in model_kwargs})
     pretrained_cfg = config.get('pretrained_cfg')
     data_config = sanitize_file_data_config(pretrained_cfg if isinstance(pretrained_cfg, dict) else {}, config_path)
-    try:
-        model = timm.create_model(arch, pretrained=False, **args)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise CheckpointError(f'Cannot build {arch} with the model_args {args} of {config_path}: '
-                              f'{_first_line(e)}') from e
     tensors, _ = read_safetensors(weights_path)
-    load_state_dict_checked(model, tensors, weights_path, what=f'{arch}({args})',
-                            hint=f'Is {CONFIG_NAME} the one written with these weights?')
+    model = build_checked(arch, args, tensors, f'{weights_path} with its {CONFIG_NAME}',
+                          origins=origins, what=f'{arch}({args})',
+                          hint=f'Is {CONFIG_NAME} the one written with these weights?')
     model.pretrained_cfg = dict(model.pretrained_cfg, **{k: v for k, v in data_config.items() if k in _CFG_DATA_KEYS})
     model.default_cfg = model.pretrained_cfg
     return model.eval()
