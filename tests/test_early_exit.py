@@ -198,7 +198,7 @@ def test_failed_save_keeps_the_previous_file_whole(model, tmp_path, monkeypatch)
 
     monkeypatch.setattr(safetensors.torch, 'save_file', disk_full)
     with pytest.raises(OSError, match='space'):
-        EarlyExit(model, thresholds=0.9, input_size=(3, 32, 32)).save(path)
+        EarlyExit(model, thresholds=0.9, input_size=(3, 32, 32)).save(path, overwrite=True)
     assert path.read_bytes() == old
     assert [p.name for p in tmp_path.iterdir()] == ['exit.safetensors']
     assert EarlyExit.load(path).thresholds == [0.3, 0.3]

@@ -34,7 +34,7 @@ EVAL = dict(num_samples=500, split='test', data_dir='/home/someone/private/cifar
 
 def test_branch1_card_front_matter_and_body(folders):
     _, _, b1 = folders
-    path = write_model_card(b1, EVAL, repo_id='someone/r18-sila-b1', dataset='cifar10')
+    path = write_model_card(b1, EVAL, repo_id='someone/r18-sila-b1', dataset='cifar10', overwrite=True)
     assert path == b1 / 'README.md'
     text = path.read_text(encoding='utf-8')
     meta = front_matter(text)
@@ -51,7 +51,7 @@ def test_branch1_card_front_matter_and_body(folders):
 
 def test_hub_parses_card_and_timm_still_loads_folder(folders, monkeypatch):
     net, b0, b1 = folders
-    write_model_card(b0)
+    write_model_card(b0, overwrite=True)
     hub = pytest.importorskip('huggingface_hub')
     card = hub.ModelCard.load(b0 / 'README.md')
     assert card.data.library_name == 'timm' and 'sila' in card.data.tags
@@ -61,7 +61,7 @@ def test_hub_parses_card_and_timm_still_loads_folder(folders, monkeypatch):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     monkeypatch.chdir(b0.parent)  # the card's own loading line, as written, from the folder's parent
     a = timm.create_model('local-dir:r18_b0', pretrained=True).eval()
-    write_model_card(b1)
+    write_model_card(b1, overwrite=True)
     b = timm.create_model('local-dir:r18_b1', pretrained=True).eval()
     with torch.no_grad():
         net.branch = 0
@@ -69,7 +69,8 @@ def test_hub_parses_card_and_timm_still_loads_folder(folders, monkeypatch):
         net.branch = 1
         assert torch.allclose(b(x), net(x), atol=1e-6)
         net.branch = 0
-    assert type(a).__name__ == 'ResNet' and sorted(os.listdir(b0)) == ['README.md', 'config.json', 'model.safetensors']
+    assert type(a).__name__ == 'ResNet'
+    assert sorted(os.listdir(b0)) == ['.timm-sila-manifest.json', 'README.md', 'config.json', 'model.safetensors']
 
 
 def test_card_of_a_loaded_model_and_bad_metrics(folders, tmp_path):
@@ -94,5 +95,5 @@ def test_card_of_a_loaded_model_and_bad_metrics(folders, tmp_path):
         model_card(b1, model=model, repo_id='../../etc')
     before = (b1 / 'README.md').read_text() if (b1 / 'README.md').exists() else None
     with pytest.raises(ValueError):
-        write_model_card(b1, wrong, model=model)
+        write_model_card(b1, wrong, model=model, overwrite=True)
     assert ((b1 / 'README.md').read_text() if (b1 / 'README.md').exists() else None) == before

@@ -16,9 +16,11 @@ from safetensors.torch import save_file
 
 from conftest import branch_logits, randomize_bn
 from timm_sila import CheckpointError, SilaNet, load_stripped, strip
+from timm_sila.atomic import MANIFEST_NAME, ForeignFilesError
 
 strip_module = importlib.import_module('timm_sila.shipping')
 
+EXPORT = sorted(['README.md', 'config.json', 'model.safetensors', MANIFEST_NAME])  # what strip writes
 TAPS = ['layer3', 'layer1']  # the paper's rule for resnet18 with 3 sets (set 1 = deepest)
 KEPT = {1: ('conv1', 'bn1', 'layer1', 'layer2', 'layer3'), 2: ('conv1', 'bn1', 'layer1')}
 
@@ -82,7 +84,7 @@ print(json.dumps(dict(equal=equal, cls=type(a).__name__,
 def test_branch0_loads_bitwise_equal_in_plain_timm(trained, tmp_path):
     net, x = trained
     out = strip(net, branch=0, out_dir=tmp_path / 'b0')
-    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert sorted(p.name for p in out.iterdir()) == EXPORT
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['architecture'] == 'resnet18' and cfg['num_classes'] == 10
     assert cfg['model_args']['num_classes'] == 10
@@ -294,8 +296,12 @@ def test_output_folder_rules(trained, tmp_path):
     (out / 'notes.txt').write_text('keep me')
     with pytest.raises(FileExistsError, match='not empty'):
         strip(net, 0, out)
+    with pytest.raises(ForeignFilesError, match='notes.txt'):  # overwrite replaces only files strip wrote
+        strip(net, 0, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ['notes.txt'] and (out / 'notes.txt').read_text() == 'keep me'
+    (out / 'notes.txt').unlink()
+    strip(net, 2, out)
     strip(net, 0, out, overwrite=True)
-    assert (out / 'notes.txt').read_text() == 'keep me'
     assert torch.equal(eval_logits(load_stripped(out), x), branch_logits(net, x, 0))
     assert not [p for p in out.iterdir() if p.name.startswith('.timm-sila-tmp-')]
 
@@ -356,5 +362,5 @@ def test_killed_writer_leaves_no_model_files(trained, tmp_path):
     assert run.returncode == -9, run.stderr
     assert not (out / 'model.safetensors').exists() and not (out / 'config.json').exists()
     strip(net, 0, out)  # leftovers of the killed writer neither block nor survive a new export
-    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert sorted(p.name for p in out.iterdir()) == EXPORT
     assert torch.equal(eval_logits(load_stripped(out), x), branch_logits(net, x, 0))

@@ -39,17 +39,12 @@ def check_model_name(name: str) -> None:
 def run_strip(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
-    from .atomic import OutputExistsError
     from .shipping import CONFIG_NAME, WEIGHTS_NAME, strip
     if args.model is not None:
         check_model_name(args.model)
-    try:
-        out = strip(args.checkpoint, branch=args.branch, out_dir=args.out, ema=args.ema, overwrite=args.force,
-                    model=args.model, num_classes=args.num_classes, sets=args.sets, taps=args.taps,
-                    head=args.head, img_size=args.img_size, metrics=args.metrics, card=args.card,
-                    **args.model_kwargs)
-    except OutputExistsError as e:  # the API's message names overwrite=True; the CLI's flag is --force
-        raise FileExistsError(e.message('--force')) from e
+    out = strip(args.checkpoint, branch=args.branch, out_dir=args.out, ema=args.ema, overwrite=args.force,
+                model=args.model, num_classes=args.num_classes, sets=args.sets, taps=args.taps,
+                head=args.head, img_size=args.img_size, metrics=args.metrics, card=args.card, **args.model_kwargs)
     config = json.loads((out / CONFIG_NAME).read_text())
     with safe_open(str(out / WEIGHTS_NAME), framework='pt') as f:
         params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())

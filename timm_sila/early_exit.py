@@ -226,14 +226,16 @@ class EarlyExit(nn.Module):
         return ExitResult(logits, exit_set, executed / (sum(seg) * x.shape[0]))
 
     # --- persistence --------------------------------------------------------------------------------
-    def save(self, path) -> None:
+    def save(self, path, overwrite: bool = False) -> None:
         """One .safetensors file: the SilaNet's weights, its sila_* and architecture arguments and this exit
-        configuration, written atomically (the previous file stays whole if the write fails). Refuses (ValueError)
-        a model built with arguments an EarlyExit file may not carry (see `timm_sila.config.FILE_MODEL_KWARGS`),
-        so that every saved file loads."""
+        configuration, written atomically (the previous file stays whole if the write fails). An existing `path`
+        is replaced only with `overwrite` (else OutputExistsError, also for a file that appears while saving).
+        Refuses (ValueError) a model built with arguments an EarlyExit file may not carry (see
+        `timm_sila.config.FILE_MODEL_KWARGS`), so that every saved file loads."""
         from safetensors.torch import save_file
-        from .atomic import atomic_write_file
+        from .atomic import atomic_write_file, check_output_file
         from .config import UnsafeFileError, sanitize_file_model_kwargs
+        check_output_file(path, overwrite)
         model_args = dict(timm_model_args(self.model), **self.model.sila_args())
         model_args.pop('num_classes', None)
         try:
@@ -245,7 +247,8 @@ class EarlyExit(nn.Module):
         meta = dict(arch=self.model.arch, num_classes=self.model.num_classes, model_args=model_args,
                     early_exit=self.config())
         state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
-        atomic_write_file(path, lambda tmp: save_file(state, str(tmp), metadata={'timm_sila': json.dumps(meta)}))
+        atomic_write_file(path, lambda tmp: save_file(state, str(tmp), metadata={'timm_sila': json.dumps(meta)}),
+                          overwrite=overwrite)
 
     @classmethod
     def load(cls, path) -> 'EarlyExit':

@@ -14,6 +14,7 @@ same drop. `measure_speedup` times any model (an `EarlyExit` included) against i
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -23,6 +24,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from .atomic import atomic_write_file, check_output_file
 from .early_exit import EarlyExit
 from .exit_calibration import calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
 from .exit_policy import certainty, exit_score
@@ -444,6 +446,26 @@ def _loader(root: Path, model: SilaNet, data_config: Dict, batch_size: int, limi
         raise ValueError(e.message('--batch-size', '--img-size')) from e
 
 
+def _curve_inputs(args: argparse.Namespace) -> List[Path]:
+    """What exit-curve reads: its outputs may be none of these, nor lie in the image folders."""
+    return [Path(args.checkpoint), Path(args.data_dir) / args.split, Path(args.data_dir) / args.calib_split]
+
+
+def _check_curve_outputs(args: argparse.Namespace) -> List[Path]:
+    """--png / --save: each a new file (or, with --force, a file to replace), neither the other nor an input."""
+    outputs = [p for p in (args.png, args.save) if p is not None]
+    if len(outputs) == 2 and os.path.realpath(args.png) == os.path.realpath(args.save):
+        raise ValueError(f'--png and --save both name {args.save}; give each its own file.')
+    for path in outputs:
+        check_output_file(path, args.force, _curve_inputs(args))
+    if args.png is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError('--png needs matplotlib: pip install matplotlib, or leave out --png.') from None
+    return outputs
+
+
 def run_exit_curve(args: argparse.Namespace) -> int:
     """Progress and warnings go to stderr, one line each; stdout holds only the table or the JSON document."""
     from .evaluation import _data_config, _load_model
@@ -456,6 +478,7 @@ def run_exit_curve(args: argparse.Namespace) -> int:
     for split in (args.split, args.calib_split):
         if not (Path(args.data_dir) / split).is_dir():
             raise FileNotFoundError(f'{Path(args.data_dir) / split} is not a folder (ImageFolder layout DIR/SPLIT/<class>/).')
+    outputs = _check_curve_outputs(args)  # before the slow part; the writers check again at the end
     model, overrides = _load_model(args)
     if not isinstance(model, SilaNet) or model.stripped:
         raise ValueError('exit-curve needs a full SilaNet checkpoint (all branches); a stripped folder has one.')
@@ -468,12 +491,16 @@ def run_exit_curve(args: argparse.Namespace) -> int:
                             progress=True)
     for w in caught:
         print(f'timm-sila exit-curve: warning: {" ".join(str(w.message).split())}', file=sys.stderr)
+    for path in outputs:
+        check_output_file(path, args.force, _curve_inputs(args))
     if args.png:
-        result['png'] = str(plot_curve(result, args.png))
+        atomic_write_file(args.png, lambda tmp: plot_curve(result, tmp), overwrite=args.force,
+                          sources=_curve_inputs(args))
+        result['png'] = str(args.png)
     if args.save:
         chosen = next(r for r in result['rows'] if r['chosen'])
         EarlyExit(model, thresholds=chosen['threshold'], policy=args.policy, temperatures=result['temperatures'],
-                  input_size=data_config['input_size']).save(args.save)
+                  input_size=data_config['input_size']).save(args.save, overwrite=args.force)
         result['saved'] = str(args.save)
     print(json.dumps(result, indent=2) if args.json else format_curve(result))
     return 0

@@ -35,12 +35,12 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .atomic import atomic_write_file
+from .atomic import atomic_write_file, check_output_file
 from .checkpoint import _first_line, _overridden, create_with_img_size, load_silanet, read_checkpoint
 from .config import base_arch, sila_name
 from .model import SilaNet
@@ -183,14 +183,17 @@ def _check_out(out: Union[str, Path, None], fmt: str, overwrite: bool, source: A
         raise FileNotFoundError(f'Cannot write {out}: folder {out.parent} does not exist; create it first.')
     if out.is_dir():
         raise IsADirectoryError(f'Cannot write {out}: it is a folder; pass a file path such as {out}/model.{fmt}.')
-    if isinstance(source, (str, Path)):
-        src = Path(source)
-        inputs = [src / CONFIG_NAME, src / WEIGHTS_NAME] if src.is_dir() else [src]
-        if any(os.path.realpath(out) == os.path.realpath(p) for p in inputs):
-            raise ValueError(f'{out} is an input of the export; write the {fmt} file elsewhere.')
-    if not overwrite and os.path.lexists(out):
-        raise FileExistsError(f'{out} exists; pass overwrite=True (CLI --force) to replace it.')
-    return out
+    if any(os.path.realpath(out) == os.path.realpath(p) for p in _inputs(source)):
+        raise ValueError(f'{out} is an input of the export; write the {fmt} file elsewhere.')
+    return check_output_file(out, overwrite)
+
+
+def _inputs(source: Any) -> List[Path]:
+    """The files an export from `source` reads (never its output, even with overwrite)."""
+    if not isinstance(source, (str, Path)):
+        return []
+    src = Path(source)
+    return [src / CONFIG_NAME, src / WEIGHTS_NAME] if src.is_dir() else [src]
 
 
 _ANSI = re.compile(r'\x1b\[[0-9;]*m')
@@ -484,7 +487,7 @@ def export(
                                   ) from e
             verify(lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0], f'ONNX ({tried})')
 
-        atomic_write_file(out, write_and_verify, overwrite=overwrite)
+        atomic_write_file(out, write_and_verify, overwrite=overwrite, sources=_inputs(source))
 
     def write_pt2() -> None:
         program = _export_program(model, batches[0], what, dynamic_size)
@@ -498,7 +501,7 @@ def export(
                                   f'nothing was written.') from e
             verify(lambda x: reloaded(x).detach(), 'pt2')
 
-        atomic_write_file(out, write_and_verify, overwrite=overwrite)
+        atomic_write_file(out, write_and_verify, overwrite=overwrite, sources=_inputs(source))
 
     onnx_exporters = {
         'dynamo': lambda: write_onnx(lambda: _dynamo_onnx(_export_program(model, batches[0], what, dynamic_size),

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch.nn as nn
 
-from .atomic import atomic_write_file
+from .atomic import atomic_output_dir, check_output_dir
 from .config import read_file_json, sanitize_file_data_config
 from .metrics import check_params, read_eval_metrics
 from .sizes import branch_sizes
@@ -145,8 +145,18 @@ def model_card(
     return '\n'.join(out)
 
 
-def write_model_card(folder: Union[str, Path], metrics: Union[str, Path, Dict[str, Any], None] = None,
-                     **kwargs) -> Path:
-    """Write `model_card(folder, metrics, **kwargs)` to folder/README.md atomically (replacing one); the path."""
+def write_model_card(folder: Union[str, Path], metrics: Union[str, Path, Dict[str, Any], None] = None, *,
+                     overwrite: bool = False, **kwargs) -> Path:
+    """Write `model_card(folder, metrics, **kwargs)` to folder/README.md atomically; returns its path.
+
+    An existing README.md is replaced only with `overwrite`, and only when timm-sila wrote it (the folder's
+    manifest lists it, unchanged): else OutputExistsError / ForeignFilesError (see `timm_sila.atomic`); the
+    folder's other files are kept, the manifest records the new card.
+    """
+    folder = Path(folder)
+    sources = [metrics] if isinstance(metrics, (str, Path)) else []
+    check_output_dir(folder, overwrite, sources, names=[CARD_NAME])  # before reading the model
     text = model_card(folder, metrics, **kwargs)
-    return atomic_write_file(Path(folder) / CARD_NAME, lambda p: p.write_text(text, encoding='utf-8'))
+    with atomic_output_dir(folder, overwrite, sources, names=[CARD_NAME], commit_last=CARD_NAME) as tmp:
+        (tmp / CARD_NAME).write_text(text, encoding='utf-8')
+    return folder / CARD_NAME

@@ -4,8 +4,9 @@ Branch 0 is written as the plain base architecture (loads in timm without timm_s
 `sila_<arch>` (backbone up to tap k + head k) that loads after `import timm_sila`. Both are the files
 `timm.models.save_for_hf` writes: `model.safetensors` + `config.json`, the latter holding only what is true of the
 exported weights (no pretrained tag, origin URL or hub id of the weights the base model was created from).
-Folders are written by `timm_sila.atomic` (whole or not at all, one writer at a time, never over the source);
-`load_stripped` reads a folder as a stranger's (see `timm_sila.config`).
+Folders are written by `timm_sila.atomic` (whole or not at all, one writer at a time, never over an input, with a
+manifest of the files written: overwriting replaces only those); `load_stripped` reads a folder as a stranger's
+(see `timm_sila.config`).
 """
 import copy
 import json
@@ -29,7 +30,7 @@ __all__ = ['strip', 'load_stripped', 'export_model']
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
-_EXPORT_FILES = f'{WEIGHTS_NAME} and {CONFIG_NAME}'
+_EXPORT_FILES = f'{WEIGHTS_NAME}, {CONFIG_NAME} and README.md'
 # pretrained_cfg fields of an export: how to feed and read the exported weights; no tag / url / hf_hub_id / license
 EXPORTED_CFG_KEYS = ('input_size', 'test_input_size', 'min_input_size', 'fixed_input_size', 'interpolation',
                      'crop_pct', 'test_crop_pct', 'crop_mode', 'mean', 'std', 'num_classes', 'pool_size',
@@ -139,12 +140,19 @@ def strip(
     `model`/`num_classes`/`sets`/`taps`/`head`/model kwargs; `img_size` sets the config's input size (and is a
     model kwarg for architectures that take one). `ema=True` exports the checkpoint's EMA weights. With `card`,
     a hub model card `README.md` is written too (with the branch's metrics from a `timm-sila eval --json` result).
+
+    `out_dir` must be new or empty; with `overwrite`, the files an earlier strip wrote there (as its manifest lists
+    them, unchanged) are replaced, and the ones not written now -- the card, with `card=False` -- removed. A folder
+    holding any other file is refused (ForeignFilesError), as is one that is or contains an input (the checkpoint,
+    the metrics file), even with overwrite. See `timm_sila.atomic`.
     """
     if out_dir is None:
         raise ValueError('strip() needs out_dir, the folder to write model.safetensors and config.json into.')
     out_dir = Path(out_dir)
     sources = [source.path if isinstance(source, Checkpoint) else source] if isinstance(
         source, (str, Path, Checkpoint)) else []
+    if isinstance(metrics, (str, Path)):
+        sources.append(metrics)
     check_output_dir(out_dir, overwrite, sources, _EXPORT_FILES)  # fail before the (slow) load; again under lock
     data_config: Dict[str, Any] = {}
     if isinstance(source, SilaNet):

@@ -41,7 +41,9 @@ def error_line(err: BaseException) -> str:
     """One line describing a BAD_INPUT error; an OSError from the system says which file and what to do."""
     text = str(err)
     if isinstance(err, OSError):
-        if err.strerror and err.filename is not None:  # as the OS raised it: "[Errno 28] ...: 'path'"
+        if callable(getattr(err, 'message', None)):  # a refused write: the API's overwrite=True is the CLI's --force
+            text = err.message('--force')
+        elif err.strerror and err.filename is not None:  # as the OS raised it: "[Errno 28] ...: 'path'"
             name = os.fsdecode(err.filename) if isinstance(err.filename, bytes) else str(err.filename)
             text = f'{err.strerror}: {name}'
         elif err.strerror:
@@ -165,7 +167,9 @@ def add_strip_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--model', default=None, help='SilaNet name (e.g. sila_resnet18) when the file does not say')
     _sila_options(p)
     p.add_argument('--ema', action='store_true', help='export the EMA weights (state_dict_ema)')
-    p.add_argument('--force', action='store_true', help='replace the files of an existing non-empty --out')
+    p.add_argument('--force', action='store_true',
+                   help='replace the files an earlier strip wrote in --out (refused if it holds any other file; '
+                        'never the checkpoint or --metrics)')
     p.add_argument('--metrics', type=_path_obj, default=None,
                    help='`timm-sila eval --json` result: its metrics for this branch go into the model card')
     p.add_argument('--no-card', dest='card', action='store_false', help='do not write the README.md model card')
@@ -239,6 +243,8 @@ def add_exit_curve_parser(subparsers) -> argparse.ArgumentParser:
                    help='accuracy points the chosen threshold may lose')
     p.add_argument('--png', type=_path_obj, default=None, help='write the curve here (needs matplotlib)')
     p.add_argument('--save', type=_path_obj, default=None, help='save the calibrated EarlyExit (.safetensors)')
+    p.add_argument('--force', action='store_true',
+                   help='replace an existing --png / --save file (never the checkpoint or an image folder)')
     p.add_argument('--json', action='store_true')
     _debug_option(p)
     p.set_defaults(handler='timm_sila.exit_curve:run_exit_curve')
@@ -273,7 +279,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--model', default=None, help='SilaNet name (e.g. sila_resnet18) when the checkpoint does not say')
     _sila_options(p)
     p.add_argument('--ema', action='store_true', help="export the checkpoint's EMA weights")
-    p.add_argument('--force', action='store_true', help='replace an existing --out file')
+    p.add_argument('--force', action='store_true', help='replace an existing --out file (never the source)')
     p.add_argument('--json', action='store_true', help='print the report as JSON')
     _debug_option(p)
     p.set_defaults(handler='timm_sila.export:run_export')
