@@ -134,7 +134,9 @@ def param_counts(cache: Path, jobs: int = 1, names: Optional[Sequence[str]] = No
         for part in parts:
             counts.update(part)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(dict(timm=timm.__version__, params=counts)))
+        from timm_sila.atomic import atomic_write_file  # a cache: replaced whole
+        atomic_write_file(cache, lambda tmp: tmp.write_text(json.dumps(dict(timm=timm.__version__, params=counts))),
+                          overwrite=True)
     return counts
 
 
@@ -569,7 +571,8 @@ def _md(text: Any) -> str:
 
 
 def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]], doc: Path,
-                 command: str) -> Dict[str, Any]:
+                 command: str, sources: Sequence[Path] = ()) -> Dict[str, Any]:
+    """Write the report `doc` (replacing the previous report, never one of `sources`, e.g. the results file)."""
     import timm
     import torch
     by_family = defaultdict(list)
@@ -700,7 +703,7 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
                          f"{_md(r.get('reason', ''))} | {onnx} |")
     doc.parent.mkdir(parents=True, exist_ok=True)
     from timm_sila.atomic import atomic_write_file  # whole report or the previous one
-    atomic_write_file(doc, lambda tmp: tmp.write_text('\n'.join(lines) + '\n'))
+    atomic_write_file(doc, lambda tmp: tmp.write_text('\n'.join(lines) + '\n'), overwrite=True, sources=sources)
     return dict(families=total, passed=passed, refused=refused, tried=tried)
 
 
@@ -838,13 +841,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pairs = [(fam_of.get(a, '?'), a) for a in (s.strip() for s in args.archs.split(',')) if a]
     if args.limit:
         pairs = pairs[:args.limit]
+    write_doc = not args.no_doc and not args.families and not args.archs and not args.limit
+    if write_doc:  # before the sweep: the report may replace the last report, never the results it is made from
+        from timm_sila.atomic import check_output_file
+        args.doc.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            check_output_file(args.doc, True, [args.results])
+        except (OSError, ValueError) as e:
+            print(f'coverage.py: error: {e}', file=sys.stderr)
+            return 2
     if not args.report_only:
         records = sweep(pairs, counts, args.results, args.jobs, args.timeout, args.threads, args.force, args.export,
                         args.export_only)
     else:
         records = load_results(args.results)
-    if not args.no_doc and not args.families and not args.archs and not args.limit:
-        summary = write_report(records, select_archs(families, counts), args.doc, 'python benchmarks/coverage.py')
+    if write_doc:
+        summary = write_report(records, select_archs(families, counts), args.doc, 'python benchmarks/coverage.py',
+                               sources=[args.results])
         print(f"{summary['passed']} / {summary['families']} families pass ({summary['refused']} refused), "
               f"{summary['tried']} architectures; report: {args.doc}")
     else:

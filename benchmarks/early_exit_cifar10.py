@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'examples'))
 import train_cifar  # noqa: E402  (the training example's data loading and validation split)
 
 from timm_sila import load_silanet  # noqa: E402
+from timm_sila.atomic import atomic_write_file, check_output_file  # noqa: E402
 from timm_sila.checkpoint import read_checkpoint  # noqa: E402
 from timm_sila.exit_curve import exit_curve, format_curve, plot_curve  # noqa: E402
 
@@ -42,6 +43,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    for name in ('exit_curve.json', 'exit_curve.png'):  # before the slow part (the writes check again)
+        if args.out.is_dir():
+            check_output_file(args.out / name, True, [args.checkpoint, args.data_dir])
     ckpt = read_checkpoint(args.checkpoint)
     model = load_silanet(ckpt).eval()
     cfg = ckpt.data_config
@@ -60,8 +64,17 @@ def main(argv=None):
     result = exit_curve(model, calib, test, policy=args.policy, points=args.points, max_drop=args.max_drop,
                         timed=args.timed, repeats=args.repeats, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'exit_curve.json').write_text(json.dumps(result, indent=2))
-    png = plot_curve(result, args.out / 'exit_curve.png')
+    inputs = [args.checkpoint, args.data_dir]  # the reports of each run replace the last one's, never an input
+    atomic_write_file(args.out / 'exit_curve.json', lambda tmp: tmp.write_text(json.dumps(result, indent=2)),
+                      overwrite=True, sources=inputs)
+    png = None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        png = atomic_write_file(args.out / 'exit_curve.png', lambda tmp: plot_curve(result, tmp), overwrite=True,
+                                sources=inputs)
     print(format_curve(result))
     chosen = next(r for r in result['rows'] if r['chosen'])
     print(f"\nchosen on calibration data (max drop {args.max_drop} points): test accuracy {chosen['accuracy']:.2f} % "

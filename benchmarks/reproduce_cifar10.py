@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from timm_sila.atomic import atomic_write_file
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / 'examples' / 'train_cifar.py'
 DEFAULT_DATA = ROOT.parent / 'shared' / 'data' / 'cifar10'
@@ -167,7 +169,7 @@ def plot_curves(curves, path: Path, title: str):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=120), overwrite=True)
     plt.close(fig)
     return path
 
@@ -289,9 +291,10 @@ def main(argv=None):
     summary, table = summarize(results, cfg, args, time.time() - start)
     png = plot_curves(epoch_curves(args.out, sorted(results), cfg['model']), args.out / 'accuracy.png',
                       f"{cfg['model']} vs {cfg['model'][5:]}, CIFAR-10, {cfg['epochs']} epochs, seeds {sorted(results)}")
-    with open(args.out / 'summary.json', 'w') as f:
-        json.dump(summary, f, indent=2)
-    (args.out / 'summary.md').write_text(table + '\n')
+    # the summary of each run replaces the last one's, whole (the per-seed stdout.log files are appended to)
+    atomic_write_file(args.out / 'summary.json', lambda tmp: tmp.write_text(json.dumps(summary, indent=2)),
+                      overwrite=True)
+    atomic_write_file(args.out / 'summary.md', lambda tmp: tmp.write_text(table + '\n'), overwrite=True)
     print('\n' + table)
     print(f'\nwritten: {args.out / "summary.json"}, {args.out / "summary.md"}')
 

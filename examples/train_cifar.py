@@ -81,8 +81,7 @@ def load_data(data_dir: Path, img_size: int, limit: Optional[int], cache: Option
     data['classes'] = classes
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data, str(cache) + '.tmp')
-        os.replace(str(cache) + '.tmp', cache)
+        atomic_write_file(cache, lambda tmp: torch.save(data, tmp), overwrite=True)  # a cache: refreshed at will
     return data
 
 
@@ -219,12 +218,14 @@ def write_logs(out: Path, runs: List[Run], meta: Dict) -> None:
             writer.writeheader()
             writer.writerows(rows)
 
-    atomic_write_file(out / 'log.csv', csv_log)  # whole or the previous log: a full disk never leaves half a file
+    # rewritten every epoch, whole or the previous log: a full disk never leaves half a file
+    atomic_write_file(out / 'log.csv', csv_log, overwrite=True)
     write_json(out / 'log.json', dict(meta, epochs=rows))
 
 
 def write_json(path: Path, obj: Dict) -> None:
-    atomic_write_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+    """The run's own JSON (log, results): replaced by each run writing to the same --out."""
+    atomic_write_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)), overwrite=True)
 
 
 def plot_curves(out: Path, runs: List[Run], title: str) -> Optional[Path]:
@@ -247,7 +248,7 @@ def plot_curves(out: Path, runs: List[Run], title: str) -> Optional[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / 'accuracy.png', dpi=120)
+    atomic_write_file(out / 'accuracy.png', lambda tmp: fig.savefig(tmp, dpi=120), overwrite=True)
     plt.close(fig)
     return out / 'accuracy.png'
 
@@ -261,8 +262,8 @@ def save_checkpoint(path: Path, model: nn.Module, arch: str, args, num_classes: 
         input_size=[3, args.img_size, args.img_size], mean=[float(m) for m in mean.flatten()],
         std=[float(s) for s in std.flatten()], crop_pct=1.0, interpolation='bilinear',
         seed=args.seed, epochs=args.epochs, lr=args.lr, recipe=args.recipe)
-    torch.save(dict(epoch=epoch, arch=arch, state_dict=model.state_dict(), args=ckpt_args), str(path) + '.tmp')
-    os.replace(str(path) + '.tmp', path)
+    atomic_write_file(path, lambda tmp: torch.save(dict(epoch=epoch, arch=arch, state_dict=model.state_dict(),
+                                                        args=ckpt_args), tmp), overwrite=True)
 
 
 # --- resumable state: everything an interrupted run needs to continue bit for bit -----------------------------------
@@ -278,13 +279,12 @@ def state_key(args, num_classes: int) -> Dict:
 
 
 def save_state(path: Path, runs: List[Run], epoch: int, key: Dict) -> None:
-    """After `epoch` epochs: weights, optimizer, data generator, logs of every run (tmp file, then rename)."""
+    """After `epoch` epochs: weights, optimizer, data generator, logs of every run (replaced whole)."""
     state = dict(key=key, epoch=epoch, runs=[dict(
         name=r.name, model=r.model.state_dict(), optimizer=r.optimizer.state_dict(), gen=r.gen.get_state(),
         rows=r.rows, train_time=r.train_time) for r in runs])
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, str(path) + '.tmp')
-    os.replace(str(path) + '.tmp', path)
+    atomic_write_file(path, lambda tmp: torch.save(state, tmp), overwrite=True)
 
 
 def load_state(path: Path, runs: List[Run], key: Dict, device) -> int:
@@ -301,6 +301,11 @@ def load_state(path: Path, runs: List[Run], key: Dict, device) -> int:
         run.gen.set_state(saved['gen'].cpu())
         run.rows, run.train_time = saved['rows'], saved['train_time']
     return int(state['epoch'])
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def parse_args(argv=None):
@@ -357,6 +362,9 @@ def main(argv=None, data: Optional[Dict] = None) -> Dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     out = args.out
+    if data is None and _is_inside(out, args.data_dir):
+        raise SystemExit(f'--out {out} lies in --data-dir {args.data_dir}: its files would join the data set. '
+                         f'Choose an --out outside it.')
     out.mkdir(parents=True, exist_ok=True)
 
     # (1) data
