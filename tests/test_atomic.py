@@ -62,7 +62,7 @@ def train_checkpoint(path: Path, net) -> Path:
 def inputs(tmp_path_factory, net):
     """A checkpoint and an image folder (test, val) that the commands read."""
     from PIL import Image
-    root = tmp_path_factory.mktemp('inputs')
+    root = tmp_path_factory.mktemp('given')
     train_checkpoint(root / 'ckpt.pth.tar', net)
     g = torch.Generator().manual_seed(0)
     for split in ('test', 'val'):
@@ -90,11 +90,12 @@ def contents(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in folder.iterdir() if not p.is_dir()}
 
 
-def one_line(capsys, *fragments) -> str:
-    """The one error line on stderr (besides exit-curve's progress and warning lines), nothing on stdout."""
+def one_line(capsys, *fragments, at_once=False) -> str:
+    """The one error line on stderr (besides exit-curve's progress and warning lines, unless `at_once`: refused
+    before any work), nothing on stdout."""
     captured = capsys.readouterr()
     lines = [line for line in captured.err.strip().splitlines()
-             if not line.startswith(('exit-curve:', 'timm-sila exit-curve: warning:'))]
+             if at_once or not line.startswith(('exit-curve:', 'timm-sila exit-curve: warning:'))]
     assert len(lines) == 1 and lines[0].startswith('timm-sila ') and ': error: ' in lines[0], captured.err
     assert 'Traceback' not in captured.err and captured.out == ''
     for fragment in fragments:
@@ -164,10 +165,10 @@ def _target(name: str, tmp: Path, net) -> Path:
     return tmp / {'strip': 'out', 'export': 'm.pt2'}.get(name, 'exit.safetensors')
 
 
-def _expect_refusal(result, is_cli, capsys, error, *fragments):
+def _expect_refusal(result, is_cli, capsys, error, *fragments, at_once=False):
     if is_cli:
         assert result == 2
-        one_line(capsys, *fragments)
+        one_line(capsys, *fragments, at_once=at_once)
     else:
         assert isinstance(result, error), result
         for fragment in fragments:
@@ -190,7 +191,8 @@ def test_existing_output_needs_force(name, tmp_path, inputs, net, capsys):
     (target / inner if inner else target).write_bytes(MINE)
     before = tree(tmp_path, inputs)
     option = '--force' if is_cli else 'overwrite=True'
-    _expect_refusal(_run(run, target, False), is_cli, capsys, OutputExistsError, f'pass {option}')
+    said = f'({option} replaces only files timm-sila wrote)' if name == 'strip' else f'pass {option}'
+    _expect_refusal(_run(run, target, False), is_cli, capsys, OutputExistsError, 'exists', said, at_once=True)
     assert tree(tmp_path, inputs) == before and not temps(tmp_path)
 
 
@@ -235,7 +237,7 @@ def test_output_onto_an_input_refused_even_with_force(name, where, tmp_path, inp
     else:
         target = inputs / 'data' / ('val' if 'calibration' in where else 'test') / 'c0' / 'new.png'
     before = tree(tmp_path, inputs)
-    _expect_refusal(_run(run, target, True), is_cli, capsys, SourceInOutputError, 'input')
+    _expect_refusal(_run(run, target, True), is_cli, capsys, SourceInOutputError, ' input', at_once=True)
     assert tree(tmp_path, inputs) == before and not temps(tmp_path) and not temps(inputs)
 
 

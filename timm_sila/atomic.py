@@ -546,8 +546,13 @@ def _foreign(folder: Path, names: Sequence[str], manifest: Dict[str, str]) -> Li
     return found
 
 
+def _listing(names: Sequence[str], most: int = 6) -> str:
+    shown = ', '.join(names[:most])
+    return shown if len(names) <= most else f'{shown} and {len(names) - most} more'
+
+
 def _foreign_error(folder: Path, found: Sequence[Tuple[str, str]], has_manifest: bool) -> ForeignFilesError:
-    listing = ', '.join(f'{name} ({note})' if note else name for name, note in found)
+    listing = _listing([f'{name} ({note})' if note else name for name, note in found])
     them = 'it' if len(found) == 1 else 'them'
     changed = any(note.startswith('changed') for _, note in found)
     where = (f'as listed in its {MANIFEST_NAME}' if has_manifest else
@@ -612,11 +617,17 @@ def _check_contents(out_dir: Path, overwrite: bool, what: str, names: Optional[S
     if not present:
         return
     if not overwrite:
-        if names is None:
-            raise OutputExistsError(out_dir, f'Output folder {out_dir} exists and is not empty; pass {{option}} to '
-                                             f'replace the {what} timm-sila wrote there.')
-        shown = ', '.join(str(out_dir / n) for n in present)
-        raise OutputExistsError(out_dir, f'{shown} exists; pass {{option}} to replace it.')
+        if names is not None:
+            shown = ', '.join(str(out_dir / n) for n in present)
+            raise OutputExistsError(out_dir, f'{shown} exists; pass {{option}} to replace it.')
+        others = [n for n in present if n not in read_manifest(out_dir)]
+        if others:  # overwrite would be refused too: say what is there
+            raise OutputExistsError(out_dir, f'Output folder {out_dir} exists and is not empty: it holds '
+                                             f'{_listing(others)}, not written by timm-sila. Choose another output '
+                                             f'folder, or move {"it" if len(others) == 1 else "them"} elsewhere '
+                                             f'({{option}} replaces only files timm-sila wrote).')
+        raise OutputExistsError(out_dir, f'Output folder {out_dir} exists and is not empty; pass {{option}} to '
+                                         f'replace the {what} timm-sila wrote there.')
     manifest = read_manifest(out_dir)
     found = _foreign(out_dir, present, manifest)
     if found:
@@ -724,10 +735,12 @@ def check_output_file(path: PathLike, overwrite: bool = False, sources: Iterable
     """The refusals of `atomic_write_file`, writing nothing (call it before slow work); returns `path` as a Path.
 
     Refuses: `path` that is one of `sources` or lies in a source folder (SourceInOutputError, also with
-    overwrite), whose folder does not exist (FileNotFoundError), that is a folder (IsADirectoryError), or that
-    exists without `overwrite` (OutputExistsError).
+    overwrite), whose folder does not exist (FileNotFoundError), that is a folder (IsADirectoryError), that
+    exists without `overwrite` (OutputExistsError), or whose name timm-sila reserves (ValueError).
     """
     path = Path(path)
+    if not _is_output_name(path.name) or path.name in (MANIFEST_NAME, _PREVIOUS, _LINK_PROBE):
+        raise ValueError(f'Cannot write {path}: timm-sila reserves the name {path.name!r}; choose another name.')
     _check_file_target(path, list(sources))
     if not path.parent.is_dir():
         raise FileNotFoundError(f'Cannot write {path}: folder {path.parent} does not exist; create it first.')
