@@ -392,7 +392,7 @@ def test_card_writer_keeps_the_folder_and_updates_its_manifest(tmp_path, net):
     write_model_card(out)
     assert sorted(os.listdir(out)) == EXPORT and (out / 'model.safetensors').read_bytes() == weights
     assert set(read_manifest(out)) == {'README.md', 'config.json', 'model.safetensors'}
-    write_model_card(out, dict(branches=[dict(branch=1, top1=12.5)]), overwrite=True)
+    write_model_card(out, dict(num_samples=8, branches=[dict(branch=1, top1=12.5)]), overwrite=True)
     assert '12.50' in (out / 'README.md').read_text()
     strip(net, 0, out, overwrite=True)  # a card timm-sila wrote is replaced like the rest
     assert 'Branch 0' in (out / 'README.md').read_text()
