@@ -73,3 +73,8 @@ def branch_logits(net, x: torch.Tensor, branch: int) -> torch.Tensor:
 @pytest.fixture
 def tmp_out(tmp_path):
     return tmp_path / 'out'
+
+
+# For scripts the tests run in a fresh interpreter: this process's own peak resident memory in MB. VmHWM belongs to
+# the process's own address space; ru_maxrss would also count the parent's memory at fork time, which exec records.
+PEAK_RSS_MB = "[int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0] / 1024"

@@ -22,6 +22,7 @@ import timm
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import PEAK_RSS_MB
 from timm_sila.config import (
     FILE_LIMITS, FILE_MODEL_KWARGS, CheckpointError, UnsafeFileError, bound_violation, parse_file_json,
     sanitize_file_data_config, sanitize_file_model_kwargs)
@@ -50,7 +51,7 @@ try:  # a regression must fail the test, not swap the machine: address space = a
     resource.setrlimit(resource.RLIMIT_AS, (size + (4 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
 except (OSError, ValueError, IndexError):
     pass
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+baseline = ''' + PEAK_RSS_MB + r'''
 def snapshot():
     return sorted((os.path.relpath(os.path.join(d, n), root), os.lstat(os.path.join(d, n)).st_size,
                    os.lstat(os.path.join(d, n)).st_mtime_ns) for d, dirs, files in os.walk(root) for n in dirs + files)
@@ -85,7 +86,7 @@ for case in cases:
         captured[fd] = files[fd].read().decode('utf-8', 'replace')
         files[fd].close()
     results[case['id']] = dict(rc=rc, stdout=captured[1], stderr=captured[2], cpu=cpu, wall=wall,
-                               rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, baseline_mb=baseline,
+                               rss_mb=''' + PEAK_RSS_MB + r''', baseline_mb=baseline,
                                connects=attempts[tried:], changed=snapshot() != before)
 json.dump(results, open(report, 'w'))
 '''
