@@ -134,7 +134,7 @@ def param_counts(cache: Path, jobs: int = 1, names: Optional[Sequence[str]] = No
         for part in parts:
             counts.update(part)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        from timm_sila.atomic import atomic_write_file  # a cache: replaced whole
+        from timm_sila.io.atomic import atomic_write_file  # a cache: replaced whole
         atomic_write_file(cache, lambda tmp: tmp.write_text(json.dumps(dict(timm=timm.__version__, params=counts))),
                           overwrite=True)
     return counts
@@ -412,7 +412,7 @@ def check_arch(arch: str, work_dir: Path, setup: Optional[Tuple[Dict[str, Any], 
 
     def onnx(branch):
         def check():
-            from timm_sila.export import export
+            from timm_sila.ship.export import export
             net.eval()
             report = export(net, branch, 'onnx', work_dir / f'branch{branch}.onnx', img_size=x.shape[-1],
                             overwrite=True)
@@ -702,7 +702,7 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
             lines.append(f"| {_md(family)} | {r['arch']} | {params} | {size} | {_md(taps)} | {res} | "
                          f"{_md(r.get('reason', ''))} | {onnx} |")
     doc.parent.mkdir(parents=True, exist_ok=True)
-    from timm_sila.atomic import atomic_write_file  # whole report or the previous one
+    from timm_sila.io.atomic import atomic_write_file  # whole report or the previous one
     atomic_write_file(doc, lambda tmp: tmp.write_text('\n'.join(lines) + '\n'), overwrite=True, sources=sources)
     return dict(families=total, passed=passed, refused=refused, tried=tried)
 
@@ -843,7 +843,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pairs = pairs[:args.limit]
     write_doc = not args.no_doc and not args.families and not args.archs and not args.limit
     if write_doc:  # before the sweep: the report may replace the last report, never the results it is made from
-        from timm_sila.atomic import check_output_file
+        from timm_sila.io.atomic import check_output_file
         args.doc.parent.mkdir(parents=True, exist_ok=True)
         try:
             check_output_file(args.doc, True, [args.results])

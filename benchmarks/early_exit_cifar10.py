@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'examples'))
 import train_cifar  # noqa: E402  (the training example's data loading and validation split)
 
 from timm_sila import load_silanet  # noqa: E402
-from timm_sila.atomic import atomic_write_file, check_output_file  # noqa: E402
-from timm_sila.checkpoint import read_checkpoint  # noqa: E402
-from timm_sila.exit_curve import exit_curve, format_curve, plot_curve  # noqa: E402
+from timm_sila.io.atomic import atomic_write_file, check_output_file  # noqa: E402
+from timm_sila.io.checkpoint import read_checkpoint  # noqa: E402
+from timm_sila.exits.curve import exit_curve, format_curve, plot_curve  # noqa: E402
 
 
 def main(argv=None):

@@ -229,7 +229,7 @@ def _median_ms(fn, runs=9):
 
 def components(spec, device):
     """Isolated cost of each Sila-only piece of a train step (heads, tap gradient sums, their SGD step, loss)."""
-    from timm_sila.logits import wrap_sila_logits
+    from timm_sila.loss.logits import wrap_sila_logits
     arch, size = spec.split('@')
     size = int(size)
     _, _, classes, batch = next((c for c in TRAIN_CONFIGS if c[0] == arch and c[1] == size), (arch, size, 1000, 16))

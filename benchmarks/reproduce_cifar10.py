@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from timm_sila.atomic import atomic_write_file
+from timm_sila.io.atomic import atomic_write_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / 'examples' / 'train_cifar.py'

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 import timm
 import timm_sila
-from timm_sila.atomic import atomic_write_file
-from timm_sila.evaluation import evaluate, format_eval
+from timm_sila.io.atomic import atomic_write_file
+from timm_sila.measure.evaluate import evaluate, format_eval
 
 PAPER_MILESTONES = [30, 55, 80, 105, 135, 160, 180, 200, 220, 240]
 PAPER_EPOCHS = 260
@@ -390,7 +390,7 @@ def main(argv=None, data: Optional[Dict] = None) -> Dict:
           f'from {source} ({time.time() - t0:.1f}s)', flush=True)
 
     # (3)+(4) recipe and models
-    arch = timm_sila.registry.base_arch(args.model)
+    arch = timm_sila.config.base_arch(args.model)
     paper_bd = PAPER_BETA_DECAY.get((arch, num_classes), (0.1, 0.5))
     args.beta = paper_bd[0] if args.beta is None else args.beta
     args.decay = paper_bd[1] if args.decay is None else args.decay

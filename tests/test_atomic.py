@@ -1,4 +1,4 @@
-"""The one atomic writer (`timm_sila.atomic`) and its rules, the same for every writer: strip, export,
+"""The one atomic writer (`timm_sila.io.atomic`) and its rules, the same for every writer: strip, export,
 EarlyExit.save, write_model_card and exit-curve --save / --png.
 
 1. An existing output is replaced only with overwrite (--force), never when it is an input of the same call.
@@ -27,15 +27,15 @@ import torch
 import timm
 from safetensors.torch import save_file
 
-import timm_sila.atomic as atomic
-import timm_sila.shipping as shipping
+import timm_sila.io.atomic as atomic
+import timm_sila.ship.strip as shipping
 from timm_sila import load_stripped, strip
-from timm_sila.atomic import (
+from timm_sila.io.atomic import (
     MANIFEST_NAME, MARKER_NAME, TMP_PREFIX, ForeignFilesError, OutputBusyError, OutputExistsError, OutputWriteError,
     SourceInOutputError, atomic_output_dir, atomic_write_file, check_output_dir, read_manifest)
-from timm_sila.early_exit import EarlyExit
-from timm_sila.export import export
-from timm_sila.model_card import write_model_card
+from timm_sila.exits.early_exit import EarlyExit
+from timm_sila.ship.export import export
+from timm_sila.ship.card import write_model_card
 from timm_sila_cli import main
 
 ARCH = 'sila_test_resnet'  # timm's 0.4M-parameter test ResNet: taps layer3, layer1
@@ -579,7 +579,7 @@ def test_kill_mid_commit_next_writer_settles(net, tmp_path, calls, result, caplo
     assert run.returncode == -9, run.stderr
     if result == 'old':
         assert not (out / 'config.json').exists()  # killed mid-commit: no config beside other weights
-    with caplog.at_level('WARNING', logger='timm_sila.atomic'):
+    with caplog.at_level('WARNING', logger='timm_sila.io.atomic'):
         with pytest.raises(OutputExistsError):
             strip(net, 1, out)  # the next writer settles the commit first
     assert 'killed' in caplog.text
@@ -597,7 +597,7 @@ def test_temp_folder_holding_previous_files_is_left_for_the_next_writer(tmp_path
     put the old one back, so the temp folder holding it is left, and stays until the user resolves it."""
     out = strip(net, 2, tmp_path / 'out')
     old = contents(out)
-    with caplog.at_level('WARNING', logger='timm_sila.atomic'):
+    with caplog.at_level('WARNING', logger='timm_sila.io.atomic'):
         with pytest.raises(KeyboardInterrupt if interrupt else OutputExistsError, match=None if interrupt else
                            'config.json appeared while timm-sila was writing and was kept.*Move it elsewhere'):
             with interrupted(at=(5,) if interrupt else (), after={3: lambda: (out / 'config.json').write_bytes(MINE)}):
@@ -605,7 +605,7 @@ def test_temp_folder_holding_previous_files_is_left_for_the_next_writer(tmp_path
     left = [Path(p) for p in temps(tmp_path)]
     assert len(left) == 1 and (left[0] / 'previous' / 'config.json').read_bytes() == old['config.json']
     assert 'Left' in caplog.text
-    with caplog.at_level('WARNING', logger='timm_sila.atomic'):
+    with caplog.at_level('WARNING', logger='timm_sila.io.atomic'):
         atomic._remove_abandoned(out)
     assert contents(out) == dict(old, **{'config.json': MINE})  # the rest of the old set is back
     assert (left[0] / 'previous' / 'config.json').read_bytes() == old['config.json'] and 'Kept' in caplog.text
@@ -658,7 +658,7 @@ def test_temp_folders_of_others_survive_abandoned_ones_are_removed(tmp_path, cap
     holder = os.open(live / MARKER_NAME, os.O_RDONLY)  # its writer is alive: it holds the lock
     fcntl.flock(holder, fcntl.LOCK_EX)
     try:
-        with caplog.at_level('WARNING', logger='timm_sila.atomic'):
+        with caplog.at_level('WARNING', logger='timm_sila.io.atomic'):
             atomic_write_file(tmp_path / 'exit.safetensors', lambda p: p.write_bytes(b'new'))
     finally:
         os.close(holder)
@@ -673,7 +673,7 @@ def test_abandoned_temp_folder_does_not_make_a_folder_non_empty(net, tmp_path, c
     out.mkdir()
     _marker(out / f'{TMP_PREFIX}dead', {'writer': 'timm-sila', 'pid': 2 ** 22 + 1})
     (out / f'{TMP_PREFIX}a1b2c3d4').mkdir()  # a removal cut short after its marker went: holds nothing
-    with caplog.at_level('WARNING', logger='timm_sila.atomic'):
+    with caplog.at_level('WARNING', logger='timm_sila.io.atomic'):
         strip(net, 0, out)  # no overwrite needed: a killed writer's leftovers are not the user's files
     assert sorted(p.name for p in out.iterdir()) == EXPORT
     assert 'killed' in caplog.text
@@ -681,7 +681,7 @@ def test_abandoned_temp_folder_does_not_make_a_folder_non_empty(net, tmp_path, c
 
 CONCURRENT_WRITER = r'''
 import importlib, os, sys, time, timm, timm_sila
-S = importlib.import_module('timm_sila.shipping')
+S = importlib.import_module('timm_sila.ship.strip')
 real = S.save_file
 def slow(*args, **kwargs):
     real(*args, **kwargs)
@@ -692,7 +692,7 @@ def slow(*args, **kwargs):
 S.save_file = slow
 try:
     timm_sila.strip(timm.create_model('sila_test_resnet', num_classes=10), int(sys.argv[3]), sys.argv[1])
-except timm_sila.atomic.OutputError as e:
+except timm_sila.io.atomic.OutputError as e:
     print(type(e).__name__, e, flush=True)
     sys.exit(2)
 print('done', flush=True)
@@ -823,7 +823,7 @@ def test_atomic_write_file(tmp_path, caplog):
     def fails(p):
         p.write_bytes(b'partial')
         raise OSError(errno.ENOSPC, 'No space left on device')
-    with caplog.at_level('WARNING', logger='timm_sila.atomic'):
+    with caplog.at_level('WARNING', logger='timm_sila.io.atomic'):
         with pytest.raises(OutputWriteError, match='No space left'):
             atomic_write_file(path, fails, overwrite=True)
     assert path.read_bytes() == b'old' and user.is_dir() and not dead.exists() and 'killed' in caplog.text

@@ -19,9 +19,9 @@ import timm
 from safetensors.torch import save_file
 
 from timm_sila import load_stripped, strip
-from timm_sila.checkpoint import build_checked, load_silanet, read_checkpoint
+from timm_sila.io.checkpoint import build_checked, load_silanet, read_checkpoint
 from timm_sila.config import CheckpointError, UnsafeFileError
-from timm_sila.early_exit import EarlyExit
+from timm_sila.exits.early_exit import EarlyExit
 from timm_sila_cli import main
 
 ARCH = 'sila_test_resnet'  # timm's 0.4M-parameter test ResNet: default taps layer3, layer1
@@ -338,7 +338,7 @@ def test_corrupt_zip_directory_is_one_checkpoint_error(nets, tmp_path):
 
 def test_build_checked_falls_back_to_a_real_build_only_within_bounds(tmp_path, monkeypatch):
     """Where the meta device cannot build a model, values outside FILE_LIMITS are refused instead of built."""
-    import timm_sila.checkpoint as checkpoint
+    import timm_sila.io.checkpoint as checkpoint
     real_create = checkpoint._create
 
     def no_meta(name, img_size, kwargs):

@@ -1,4 +1,4 @@
-"""timm_sila.data: the one image-folder reader of `eval` and `exit-curve`, table-driven over hostile folders.
+"""timm_sila.data.folder: the one image-folder reader of `eval` and `exit-curve`, table-driven over hostile folders.
 
 ImageFolder's numbering and order are kept (checked against torchvision); what a folder may not do is hang a
 command (FIFO, socket, device), count an image twice (symbolic link loops, links, hard links), shift labels without a
@@ -26,9 +26,9 @@ import timm
 from timm.data import create_transform
 
 from conftest import PEAK_RSS_MB
-from timm_sila.data import (ImageFolderDataset, ImageFolderError, ImageReadError, class_names_from_config,
+from timm_sila.data.folder import (ImageFolderDataset, ImageFolderError, ImageReadError, class_names_from_config,
                             image_loader, image_mode)
-from timm_sila.evaluation import evaluate
+from timm_sila.measure.evaluate import evaluate
 from timm_sila_cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,7 +348,7 @@ def test_cli_eval_checks_the_class_names_a_stripped_folder_records(tmp_path, cap
 
 _DRIVER = '''
 import resource, sys, time
-import timm_sila.evaluation  # the imports are not part of the answer time
+import timm_sila.measure.evaluate  # the imports are not part of the answer time
 from timm_sila_cli import main
 started = time.monotonic()
 rc = main(sys.argv[1:])

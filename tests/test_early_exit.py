@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 import timm
 
-from timm_sila.early_exit import EarlyExit
-from timm_sila.exit_calibration import calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
+from timm_sila.exits.early_exit import EarlyExit
+from timm_sila.exits.calibration import calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
 
 
 @pytest.fixture(scope='module')

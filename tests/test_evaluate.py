@@ -9,9 +9,9 @@ import torch.nn.functional as F
 import timm
 import timm_sila
 from timm.data import create_transform, resolve_data_config
-from timm_sila.evaluation import evaluate, format_eval
-from timm_sila.shipping import export_model
-from timm_sila.sizes import branch_sizes, count_params, model_info
+from timm_sila.measure.evaluate import evaluate, format_eval
+from timm_sila.ship.strip import export_model
+from timm_sila.measure.sizes import branch_sizes, count_params, model_info
 from timm_sila_cli import main
 
 from conftest import build_sila

@@ -11,9 +11,9 @@ import timm
 from safetensors.torch import save_file
 
 from timm_sila.cli import main
-from timm_sila.exit_calibration import TEMPERATURE_BOUNDS, calibrate_temperatures, simulate_exits
-from timm_sila.early_exit import EarlyExit
-from timm_sila.exit_curve import (
+from timm_sila.exits.calibration import TEMPERATURE_BOUNDS, calibrate_temperatures, simulate_exits
+from timm_sila.exits.early_exit import EarlyExit
+from timm_sila.exits.curve import (
     SlowerThanBaseWarning, exit_curve, exit_verdict, format_curve, measure_speedup)
 
 

@@ -10,7 +10,7 @@ import timm
 
 from conftest import branch_logits, randomize_bn
 from timm_sila import strip
-from timm_sila.export import (
+from timm_sila.ship.export import (
     DEFAULT_RTOL, ExportError, ExportParityError, MissingExtraError, export, export_check, fixed_size_reason,
     format_export)
 from timm_sila_cli import main as cli_main
@@ -193,7 +193,7 @@ def test_bad_requests_fail_before_exporting(sila_r18, tmp_path):
 def test_cli_handler_json_is_the_only_stdout(tmp_path, capsys):
     import argparse
     import json
-    from timm_sila.export import run_export
+    from timm_sila.ship.export import run_export
     torch.manual_seed(0)
     folder = strip(timm.create_model('sila_test_resnet', num_classes=10), 1, tmp_path / 'small', img_size=32)
     args = argparse.Namespace(source=str(folder), branch=None, format='onnx', out=str(tmp_path / 'small.onnx'),
@@ -223,7 +223,7 @@ class DataDependent(TracedDifferently):
 
 
 def test_torch_failure_is_one_line_naming_the_root_cause(tmp_path):
-    from timm_sila.export import ExportError, _torch_failure
+    from timm_sila.ship.export import ExportError, _torch_failure
     try:
         try:
             raise ValueError('Cannot view a tensor with shape (s0, 3)\nWhile executing %view ...')

@@ -26,8 +26,8 @@ from conftest import PEAK_RSS_MB
 from timm_sila.config import (
     FILE_LIMITS, FILE_MODEL_KWARGS, CheckpointError, UnsafeFileError, bound_violation, parse_file_json,
     sanitize_file_data_config, sanitize_file_model_kwargs)
-from timm_sila.early_exit import EarlyExit
-from timm_sila.shipping import strip
+from timm_sila.exits.early_exit import EarlyExit
+from timm_sila.ship.strip import strip
 
 RSS_BOUND_MB = 1024  # peak RSS of the process, imports included (torch + timm: about 0.75 GB on CPU builds)
 GROWTH_BOUND_MB = 256  # what one case may add to the RSS after imports (the bound on a build whose imports are larger)
@@ -43,8 +43,8 @@ def refuse(*args, **kwargs):
     attempts.append(repr(args[1:2] or args[:1]))
     raise OSError('network access refused by the test')
 socket.socket.connect = socket.socket.connect_ex = socket.create_connection = socket.getaddrinfo = refuse
-import timm_sila, timm_sila.evaluation, timm_sila.export, timm_sila.bench  # imports are no case's work
-from timm_sila.early_exit import EarlyExit
+import timm_sila, timm_sila.measure.evaluate, timm_sila.ship.export, timm_sila.measure.bench  # imports are no case's work
+from timm_sila.exits.early_exit import EarlyExit
 from timm_sila_cli import error_line, main
 try:  # a regression must fail the test, not swap the machine: address space = after imports + 4 GiB
     size = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize:')][0] * 1024

@@ -8,7 +8,7 @@ import timm
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from timm_sila import SilaLoss, SilaLossError
-from timm_sila.logits import wrap_sila_logits
+from timm_sila.loss.logits import wrap_sila_logits
 
 
 def _pair(beta=0.1, decay=0.5, n=10, sets=3):

@@ -178,7 +178,7 @@ def test_ignored_samples_are_excluded_as_torch_does(ignore_index):
 @pytest.mark.parametrize('soft', [False, True])
 def test_formula_is_torchs_cross_entropy_on_log_probs(reduction, smoothing, weighted, soft):
     """Fed log_softmax(x), the shared formula reproduces F.cross_entropy(x, ...) for every option combination."""
-    from timm_sila.loss import _cross_entropy_of_log_probs
+    from timm_sila.loss.functional import _cross_entropy_of_log_probs
     g = torch.Generator().manual_seed(6)
     x = torch.randn(6, 4, generator=g, dtype=torch.float64)
     target = torch.softmax(torch.randn(6, 4, generator=g, dtype=torch.float64), -1) if soft else \

@@ -1,4 +1,4 @@
-"""The one MAC counter (timm_sila.macs): exact for CNNs against a hand count, and it counts attention matmuls."""
+"""The one MAC counter (timm_sila.exits.macs): exact for CNNs against a hand count, and it counts attention matmuls."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import timm
-from timm_sila.macs import segment_macs
+from timm_sila.exits.macs import segment_macs
 
 
 def _hand_count(model, x, boundaries):

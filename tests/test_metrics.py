@@ -14,10 +14,10 @@ import torch
 import timm
 
 from timm_sila import load_stripped, strip
-from timm_sila.bench import bench_branches, read_metrics
-from timm_sila.metrics import MAX_JSON_DEPTH, MAX_METRICS_BYTES, MetricsError, check_params, read_eval_metrics
-from timm_sila.model_card import model_card
-from timm_sila.sizes import count_params
+from timm_sila.measure.bench import bench_branches, read_metrics
+from timm_sila.measure.metrics import MAX_JSON_DEPTH, MAX_METRICS_BYTES, MetricsError, check_params, read_eval_metrics
+from timm_sila.ship.card import model_card
+from timm_sila.measure.sizes import count_params
 from timm_sila_cli import main
 
 GOOD = dict(num_samples=12, split='test', topk=2,

@@ -8,8 +8,8 @@ import yaml
 import timm
 
 from timm_sila import load_stripped, strip
-from timm_sila.shipping import export_model
-from timm_sila.model_card import model_card, write_model_card
+from timm_sila.ship.strip import export_model
+from timm_sila.ship.card import model_card, write_model_card
 
 
 def front_matter(text):

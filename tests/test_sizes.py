@@ -13,10 +13,10 @@ import torch
 import timm
 from conftest import PEAK_RSS_MB
 from timm_sila import SilaNet
-from timm_sila.checkpoint import create_with_img_size
+from timm_sila.io.checkpoint import create_with_img_size
 from timm_sila.cli import format_info
-from timm_sila.shipping import export_model
-from timm_sila.sizes import (MB, MemoryBoundError, available_memory, batch_memory, branch_sizes, check_batch_fits,
+from timm_sila.ship.strip import export_model
+from timm_sila.measure.sizes import (MB, MemoryBoundError, available_memory, batch_memory, branch_sizes, check_batch_fits,
                              count_params, model_info, size_row)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def work(tmp_path_factory):
 
 _DRIVER = '''
 import contextlib, io, json, resource, sys, time
-import timm_sila.bench, timm_sila.evaluation, timm_sila.exit_curve, timm_sila.export  # imports are not answer time
+import timm_sila.measure.bench, timm_sila.measure.evaluate, timm_sila.exits.curve, timm_sila.ship.export  # imports are not answer time
 from timm_sila_cli import main
 report = []
 for argv in json.loads(sys.argv[1]):

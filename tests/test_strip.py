@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 
 from conftest import branch_logits, randomize_bn
 from timm_sila import CheckpointError, SilaNet, load_stripped, strip
-from timm_sila.atomic import MANIFEST_NAME, ForeignFilesError
+from timm_sila.io.atomic import MANIFEST_NAME, ForeignFilesError
 
-strip_module = importlib.import_module('timm_sila.shipping')
+strip_module = importlib.import_module('timm_sila.ship.strip')
 
 EXPORT = sorted(['README.md', 'config.json', 'model.safetensors', MANIFEST_NAME])  # what strip writes
 TAPS = ['layer3', 'layer1']  # the paper's rule for resnet18 with 3 sets (set 1 = deepest)
@@ -342,7 +342,7 @@ def test_config_serialization_failure_leaves_nothing(tmp_path):
 
 KILLED_WRITER = r'''
 import importlib, os, signal, sys, timm, timm_sila
-S = importlib.import_module('timm_sila.shipping')
+S = importlib.import_module('timm_sila.ship.strip')
 def killed(tensors, filename, *args, **kwargs):
     with open(filename, 'wb') as f:
         f.write(b'partial bytes')

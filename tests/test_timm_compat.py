@@ -1,4 +1,4 @@
-"""timm internals without a public API, used only through timm_sila.timm_compat: each is checked for the behaviour
+"""timm internals without a public API, used only through timm_sila._timm_compat: each is checked for the behaviour
 timm_sila relies on, so a timm release that changes one fails here, by name, rather than deep in a user's run.
 CI installs the newest timm setup.cfg's bound admits."""
 import importlib.metadata
@@ -12,7 +12,7 @@ import timm
 from timm.models import get_arch_pretrained_cfgs, get_model_input_config
 from timm.models.resnet import BasicBlock, ResNet
 from timm_sila import SilaNet
-from timm_sila import timm_compat
+from timm_sila import _timm_compat as timm_compat
 
 
 def test_installed_timm_is_within_the_declared_bound_and_the_bound_is_closed():

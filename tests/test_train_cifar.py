@@ -9,7 +9,7 @@ import torch
 
 import timm
 import timm_sila
-from timm_sila.checkpoint import load_silanet, read_checkpoint
+from timm_sila.io.checkpoint import load_silanet, read_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'examples'))
 import train_cifar  # noqa: E402

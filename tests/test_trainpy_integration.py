@@ -103,8 +103,8 @@ def test_train_py_trains_the_sila_loss_and_checkpoints_strip(image_folder, tmp_p
     assert float(summary['eval_top1']) == pytest.approx(top1)
     assert float(summary['eval_loss']) == pytest.approx(loss, rel=1e-3, abs=1e-3)
 
-    if importlib.util.find_spec('timm_sila.shipping') is not None:
-        from timm_sila.shipping import load_stripped, strip
+    if importlib.util.find_spec('timm_sila.ship.strip') is not None:
+        from timm_sila.ship.strip import load_stripped, strip
         x = torch.randn(2, 3, 32, 32)
         for branch in (0, BRANCH):
             out_dir = strip(ckpt_path, branch=branch, out_dir=tmp_path / f'branch{branch}', ema=True)

@@ -18,9 +18,9 @@ import timm
 from timm_sila import SilaLoss, SilaNet, sila_cross_entropy, sila_log_probs, sila_set_weights
 from timm_sila.cli import main
 from timm_sila.config import CheckpointError
-from timm_sila.early_exit import EarlyExit
-from timm_sila.exit_curve import exit_curve
-from timm_sila.logits import wrap_sila_logits
+from timm_sila.exits.early_exit import EarlyExit
+from timm_sila.exits.curve import exit_curve
+from timm_sila.loss.logits import wrap_sila_logits
 
 NAN, INF = float('nan'), float('inf')
 

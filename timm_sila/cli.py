@@ -39,7 +39,7 @@ def check_model_name(name: str) -> None:
 def run_strip(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
-    from .shipping import CONFIG_NAME, WEIGHTS_NAME, strip
+    from timm_sila.ship.strip import CONFIG_NAME, WEIGHTS_NAME, strip
     if args.model is not None:
         check_model_name(args.model)
     out = strip(args.checkpoint, branch=args.branch, out_dir=args.out, ema=args.ema, overwrite=args.force,
@@ -83,7 +83,7 @@ def format_info(info: Dict[str, Any]) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from .sizes import model_info
+    from timm_sila.measure.sizes import model_info
     if args.num_classes is None:
         raise ValueError('info needs --num-classes N.')
     check_model_name(args.model)

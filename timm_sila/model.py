@@ -8,10 +8,10 @@ import timm
 
 from .config import sila_name
 from .heads import create_head
-from .logits import SilaLossError, wrap_sila_logits
-from .loss import _check_hparams
+from timm_sila.loss.logits import SilaLossError, wrap_sila_logits
+from timm_sila.loss.functional import _check_hparams
 from .taps import TAP_RULES, choose_taps, probe_stages, resolve_taps
-from .timm_compat import copy_traits, group_with_matcher, model_args, pinned_args
+from ._timm_compat import copy_traits, group_with_matcher, model_args, pinned_args
 
 __all__ = ['SilaNet', 'sila_pretrained_cfg', 'prune_base']
 

@@ -8,7 +8,7 @@ from torch.func import functional_call
 from timm.models import get_model_input_config
 
 from .config import TAP_RULES
-from .timm_compat import built_by_timm
+from ._timm_compat import built_by_timm
 
 __all__ = ['Stage', 'TAP_RULES', 'probe_stages', 'choose_taps', 'resolve_taps']
 

@@ -217,7 +217,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--json', action='store_true', help='print the result as JSON')
     _debug_option(p)
-    p.set_defaults(handler='timm_sila.evaluation:run_eval')
+    p.set_defaults(handler='timm_sila.measure.evaluate:run_eval')
     return p
 
 
@@ -247,7 +247,7 @@ def add_exit_curve_parser(subparsers) -> argparse.ArgumentParser:
                    help='replace an existing --png / --save file (never the checkpoint or an image folder)')
     p.add_argument('--json', action='store_true')
     _debug_option(p)
-    p.set_defaults(handler='timm_sila.exit_curve:run_exit_curve')
+    p.set_defaults(handler='timm_sila.exits.curve:run_exit_curve')
     return p
 
 
@@ -282,7 +282,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--force', action='store_true', help='replace an existing --out file (never the source)')
     p.add_argument('--json', action='store_true', help='print the report as JSON')
     _debug_option(p)
-    p.set_defaults(handler='timm_sila.export:run_export')
+    p.set_defaults(handler='timm_sila.ship.export:run_export')
     return p
 
 
@@ -307,7 +307,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--ema', action='store_true', help="time the checkpoint's EMA weights (same speed)")
     p.add_argument('--json', action='store_true', help='print the result as JSON')
     _debug_option(p)
-    p.set_defaults(handler='timm_sila.bench:run_bench')
+    p.set_defaults(handler='timm_sila.measure.bench:run_bench')
     return p
 
 

@@ -16,10 +16,10 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .exit_policy import NEVER, check_policy, exit_score, exits
+from .policy import NEVER, check_policy, exit_score, exits
 from .macs import segment_macs
-from .model import SilaNet
-from .timm_compat import model_args as timm_model_args
+from timm_sila.model import SilaNet
+from timm_sila._timm_compat import model_args as timm_model_args
 
 __all__ = ['EarlyExit', 'ExitResult']
 
@@ -93,7 +93,7 @@ class EarlyExit(nn.Module):
         self._verify_model(input_size)
 
     def _verify_model(self, input_size: Optional[Sequence[int]]) -> None:
-        from .taps import probe_input_shape
+        from timm_sila.taps import probe_input_shape
         shape = tuple(int(v) for v in (input_size or probe_input_shape(self.model.base)))
         param = next(self.model.parameters())
         x = torch.zeros(1, *shape, device=param.device, dtype=param.dtype)
@@ -233,8 +233,8 @@ class EarlyExit(nn.Module):
         Refuses (ValueError) a model built with arguments an EarlyExit file may not carry (see
         `timm_sila.config.FILE_MODEL_KWARGS`), so that every saved file loads."""
         from safetensors.torch import save_file
-        from .atomic import atomic_write_file, check_output_file
-        from .config import UnsafeFileError, sanitize_file_model_kwargs
+        from timm_sila.io.atomic import atomic_write_file, check_output_file
+        from timm_sila.config import UnsafeFileError, sanitize_file_model_kwargs
         check_output_file(path, overwrite)
         model_args = dict(timm_model_args(self.model), **self.model.sila_args())
         model_args.pop('num_classes', None)
@@ -261,8 +261,8 @@ class EarlyExit(nn.Module):
         FILE_LIMITS`). Anything else raises one `CheckpointError` (a ValueError) naming the file; loading performs no
         network access and writes nothing.
         """
-        from .checkpoint import build_checked, read_safetensors
-        from .config import (CheckpointError, check_file_architecture, parse_file_json, sanitize_file_model_kwargs,
+        from timm_sila.io.checkpoint import build_checked, read_safetensors
+        from timm_sila.config import (CheckpointError, check_file_architecture, parse_file_json, sanitize_file_model_kwargs,
                              sila_name)
         tensors, metadata = read_safetensors(path)
         raw = metadata.get('timm_sila')

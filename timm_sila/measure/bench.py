@@ -18,14 +18,14 @@ import torch.nn as nn
 
 import timm
 
-from .checkpoint import create_with_img_size
-from .export import _data_config, export, load_branch, load_checkpoint, require_onnx
+from timm_sila.io.checkpoint import create_with_img_size
+from timm_sila.ship.export import _data_config, export, load_branch, load_checkpoint, require_onnx
 from .metrics import check_params, read_eval_metrics
-from .config import sila_name
-from .model import SilaNet
-from .shipping import export_model
+from timm_sila.config import sila_name
+from timm_sila.model import SilaNet
+from timm_sila.ship.strip import export_model
 from .sizes import MemoryBoundError, check_batch_fits, count_params, size_row
-from .timm_compat import model_args
+from timm_sila._timm_compat import model_args
 
 __all__ = ['bench_branches', 'format_bench', 'read_metrics', 'RUNTIMES']
 
@@ -238,8 +238,8 @@ def format_bench(result: Dict[str, Any]) -> str:
 # --- CLI: timm-sila bench (parser: timm_sila_cli) ---------------------------------------------------------------
 def run_bench(args: Any) -> int:
     """`timm-sila bench`: prints the per-branch speed table (or JSON)."""
-    from .cli import print_json
-    from .export import cli_load_kwargs
+    from timm_sila.cli import print_json
+    from timm_sila.ship.export import cli_load_kwargs
     try:
         result = bench_branches(args.source, img_size=args.img_size, batch_size=args.batch_size, threads=args.threads,
                                 runtime=args.runtime, warmup=args.warmup, repeats=args.repeats, metrics=args.metrics,

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .loss import sila_cross_entropy, sila_log_probs
-from .trainpy_hints import hint_for_op
+from .functional import sila_cross_entropy, sila_log_probs
+from ._trainpy_hints import hint_for_op
 
 __all__ = ['SilaLogits', 'SilaLossError', 'wrap_sila_logits']
 

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .exit_policy import NEVER, certainty, exit_score, exits
+from .policy import NEVER, certainty, exit_score, exits
 
 __all__ = ['TEMPERATURE_BOUNDS', 'calibrate_temperatures', 'simulate_exits', 'choose_threshold', 'choose_thresholds']
 

@@ -22,9 +22,9 @@ import torch.nn as nn
 
 import timm
 
-from .checkpoint import create_with_img_size
-from .config import sila_kwargs, sila_name
-from .model import SilaNet
+from timm_sila.io.checkpoint import create_with_img_size
+from timm_sila.config import sila_kwargs, sila_name
+from timm_sila.model import SilaNet
 
 __all__ = ['MB', 'GB', 'count_params', 'size_row', 'branch_sizes', 'model_info', 'MemoryBoundError', 'available_memory',
            'batch_memory', 'check_batch_fits']

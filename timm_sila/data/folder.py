@@ -324,7 +324,7 @@ def eval_loader(root: Union[str, Path], model: torch.nn.Module, data_config: Dic
     batch -- `batch_size`, or all images when fewer -- checked against the memory available on the CPU and on
     `device` (`timm_sila.sizes.check_batch_fits`: MemoryBoundError, a ValueError)."""
     from timm.data import create_transform
-    from .sizes import check_batch_fits
+    from timm_sila.measure.sizes import check_batch_fits
     input_size = tuple(data_config['input_size'])
     num_classes = getattr(model, 'num_classes', None)
     dataset = ImageFolderDataset(root, transform=create_transform(**data_config, is_training=False),

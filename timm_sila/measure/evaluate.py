@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import SilaNet
+from timm_sila.model import SilaNet
 from .sizes import branch_sizes
 
 __all__ = ['evaluate', 'format_eval', 'resolve_device', 'run_eval']
@@ -146,7 +146,7 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 def _load_stripped_folder(args: argparse.Namespace) -> nn.Module:
     """--model local-dir:DIR, a folder written by `timm-sila strip`."""
-    from .shipping import load_stripped
+    from timm_sila.ship.strip import load_stripped
     name = args.model
     if args.checkpoint:
         raise ValueError(f'--checkpoint does not apply to {name}: the folder holds its own weights.')
@@ -161,9 +161,9 @@ def _load_model(args: argparse.Namespace):
     """(model, checked data-config args from the checkpoint) for the CLI arguments. Both a SilaNet and a plain timm
     checkpoint are checked against their weights before the model is built and loaded strictly
     (`checkpoint.build_checked`): integer tensors are refused, never cast."""
-    from .checkpoint import build_checked, load_silanet, read_checkpoint
-    from .cli import check_model_name
-    from .config import is_sila_name, sanitize_file_data_config
+    from timm_sila.io.checkpoint import build_checked, load_silanet, read_checkpoint
+    from timm_sila.cli import check_model_name
+    from timm_sila.config import is_sila_name, sanitize_file_data_config
     name = args.model
     if name.startswith('local-dir:'):
         return _load_stripped_folder(args), {}
@@ -241,17 +241,17 @@ def _class_names(args: argparse.Namespace, model: nn.Module) -> Optional[List[st
     """The class names a stripped folder's config.json records (timm's `label_names`), if usable; else None."""
     if not args.model.startswith('local-dir:'):
         return None  # checkpoints (timm train.py's included) record no class names
-    from .data import class_names_from_config
+    from timm_sila.data.folder import class_names_from_config
     from .metrics import read_json_file
-    from .shipping import CONFIG_NAME
+    from timm_sila.ship.strip import CONFIG_NAME
     config = read_json_file(Path(args.model[len('local-dir:'):]) / CONFIG_NAME, 'Config file', max_bytes=16 << 20)
     return class_names_from_config(config, getattr(model, 'num_classes', None))
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """`timm-sila eval`: prints the per-branch table (or JSON); returns the exit status."""
-    from .cli import print_json
-    from .data import eval_loader
+    from timm_sila.cli import print_json
+    from timm_sila.data.folder import eval_loader
     from .sizes import MemoryBoundError
     root = Path(args.data_dir) / args.split
     if not root.is_dir():

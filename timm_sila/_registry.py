@@ -8,7 +8,7 @@ from timm.models import DefaultCfg, generate_default_cfgs, load_pretrained, regi
 
 from .config import SILA_KWARGS, SILA_PREFIX, SilaConfig, base_arch, sanitize_file_data_config, sanitize_file_model_kwargs
 from .model import SilaNet, sila_pretrained_cfg
-from .timm_compat import arch_pretrained_cfgs
+from ._timm_compat import arch_pretrained_cfgs
 
 __all__ = ['SILA_PREFIX', 'SILA_KWARGS', 'register_sila_models', 'base_arch']
 

@@ -40,12 +40,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .atomic import atomic_write_file, check_output_file
-from .checkpoint import _first_line, _overridden, create_with_img_size, load_silanet, read_checkpoint
-from .config import base_arch, sila_name
-from .model import SilaNet
-from .shipping import CONFIG_NAME, WEIGHTS_NAME, export_model, load_stripped
-from .sizes import MemoryBoundError, check_batch_fits
+from timm_sila.io.atomic import atomic_write_file, check_output_file
+from timm_sila.io.checkpoint import _first_line, _overridden, create_with_img_size, load_silanet, read_checkpoint
+from timm_sila.config import base_arch, sila_name
+from timm_sila.model import SilaNet
+from .strip import CONFIG_NAME, WEIGHTS_NAME, export_model, load_stripped
+from timm_sila.measure.sizes import MemoryBoundError, check_batch_fits
 
 __all__ = ['export', 'export_check', 'format_export', 'fixed_size_reason', 'second_input_size', 'load_branch',
            'load_checkpoint', 'require_onnx', 'ExportError', 'ExportParityError', 'MissingExtraError', 'FORMATS',
@@ -611,7 +611,7 @@ def cli_load_kwargs(args: Any) -> Dict[str, Any]:
 
 def run_export(args: Any) -> int:
     """`timm-sila export`: writes the verified file, prints what was written (or the JSON report)."""
-    from .cli import print_json
+    from timm_sila.cli import print_json
     try:
         report = export(args.source, args.branch, args.format, args.out, img_size=args.img_size,
                         batch_size=args.batch_size, atol=args.atol, opset=args.opset, overwrite=args.force,

@@ -24,12 +24,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .atomic import atomic_write_file, check_output_file
+from timm_sila.io.atomic import atomic_write_file, check_output_file
 from .early_exit import EarlyExit
-from .exit_calibration import calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
-from .exit_policy import certainty, exit_score
-from .model import SilaNet
-from .shipping import export_model
+from .calibration import calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
+from .policy import certainty, exit_score
+from timm_sila.model import SilaNet
+from timm_sila.ship.strip import export_model
 
 __all__ = ['collect_branch_logits', 'exit_curve', 'exit_verdict', 'format_curve', 'measure_branches',
            'measure_speedup', 'plot_curve', 'run_exit_curve', 'SlowerThanBaseWarning']
@@ -438,8 +438,8 @@ def plot_curve(result: Dict, path: Path) -> Optional[Path]:
 # --- CLI handler: timm-sila exit-curve (parser: timm_sila_cli.add_exit_curve_parser) --------------------------
 def _loader(root: Path, model: SilaNet, data_config: Dict, batch_size: int, limit: Optional[int]):
     """The image folder `root` as `timm_sila.data.eval_loader` reads it (classes, channels and memory checked)."""
-    from .data import eval_loader
-    from .sizes import MemoryBoundError
+    from timm_sila.data.folder import eval_loader
+    from timm_sila.measure.sizes import MemoryBoundError
     try:
         return eval_loader(root, model, data_config, batch_size, workers=2, limit=limit)
     except MemoryBoundError as e:
@@ -468,7 +468,7 @@ def _check_curve_outputs(args: argparse.Namespace) -> List[Path]:
 
 def run_exit_curve(args: argparse.Namespace) -> int:
     """Progress and warnings go to stderr, one line each; stdout holds only the table or the JSON document."""
-    from .evaluation import _data_config, _load_model
+    from timm_sila.measure.evaluate import _data_config, _load_model
     if args.calib_split == args.split:
         raise ValueError('--calib-split must differ from --split: thresholds are never chosen on the test data.')
     if args.calib_limit is not None and args.calib_limit < 1:

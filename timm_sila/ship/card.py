@@ -13,12 +13,12 @@ from typing import Any, Dict, Optional, Union
 
 import torch.nn as nn
 
-from .atomic import atomic_output_dir, check_output_dir
-from .config import read_file_json, sanitize_file_data_config
-from .metrics import check_params, read_eval_metrics
-from .sizes import branch_sizes
-from .model import SilaNet
-from .shipping import CONFIG_NAME, load_stripped
+from timm_sila.io.atomic import atomic_output_dir, check_output_dir
+from timm_sila.config import read_file_json, sanitize_file_data_config
+from timm_sila.measure.metrics import check_params, read_eval_metrics
+from timm_sila.measure.sizes import branch_sizes
+from timm_sila.model import SilaNet
+from .strip import CONFIG_NAME, load_stripped
 
 __all__ = ['model_card', 'write_model_card', 'CARD_NAME']
 

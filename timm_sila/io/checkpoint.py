@@ -24,11 +24,11 @@ import torch.nn as nn
 import timm
 from timm.models import clean_state_dict
 
-from .config import (
+from timm_sila.config import (
     FILE_LIMITS, CheckpointError, UnsafeFileError, bound_violation, sanitize_file_data_config,
     sanitize_file_model_kwargs, sila_kwargs, base_arch, is_sila_name, sila_name)
-from .model import SilaNet
-from .timm_compat import pretrained_form_args
+from timm_sila.model import SilaNet
+from timm_sila._timm_compat import pretrained_form_args
 
 __all__ = ['CheckpointError', 'UnsafeFileError', 'Checkpoint', 'read_checkpoint', 'read_safetensors',
            'load_silanet', 'load_state_dict_checked', 'build_checked', 'create_with_img_size']

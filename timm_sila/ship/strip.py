@@ -18,13 +18,13 @@ import torch.nn as nn
 import timm
 from safetensors.torch import save_file
 
-from .atomic import atomic_output_dir, check_output_dir
-from .checkpoint import (
+from timm_sila.io.atomic import atomic_output_dir, check_output_dir
+from timm_sila.io.checkpoint import (
     Checkpoint, CheckpointError, _overridden, build_checked, load_silanet, read_checkpoint, read_safetensors)
-from .config import (
+from timm_sila.config import (
     sila_name, check_file_architecture, read_file_json, sanitize_file_data_config, sanitize_file_model_kwargs)
-from .model import SilaNet, prune_base
-from .timm_compat import model_args, save_config_for_hf
+from timm_sila.model import SilaNet, prune_base
+from timm_sila._timm_compat import model_args, save_config_for_hf
 
 __all__ = ['strip', 'load_stripped', 'export_model']
 
@@ -177,7 +177,7 @@ def strip(
     with atomic_output_dir(out_dir, overwrite, sources, _EXPORT_FILES, commit_last=CONFIG_NAME) as folder:
         _write_export(exported, folder, file_args, _data_config(net, data_config, img_size))
         if card:
-            from .model_card import CARD_NAME, model_card  # the card module reads exports: imported here, not above
+            from .card import CARD_NAME, model_card  # the card module reads exports: imported here, not above
             text = model_card(folder, metrics, model=exported, name=out_dir.name)
             (folder / CARD_NAME).write_text(text, encoding='utf-8')
     return out_dir
