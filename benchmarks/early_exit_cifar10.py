@@ -21,7 +21,8 @@ import train_cifar  # noqa: E402  (the training example's data loading and valid
 from timm_sila import load_silanet  # noqa: E402
 from timm_sila.io.atomic import atomic_write_file, check_output_file  # noqa: E402
 from timm_sila.io.checkpoint import read_checkpoint  # noqa: E402
-from timm_sila.exits.curve import exit_curve, format_curve, plot_curve  # noqa: E402
+from timm_sila.exits.curve import exit_curve, plot_curve
+from timm_sila_cli.exit_curve import format_curve  # noqa: E402
 
 
 def main(argv=None):
@@ -62,7 +63,7 @@ def main(argv=None):
           f'{torch.get_num_threads()} threads', flush=True)
 
     result = exit_curve(model, calib, test, policy=args.policy, points=args.points, max_drop=args.max_drop,
-                        timed=args.timed, repeats=args.repeats, progress=True)
+                        timed=args.timed, repeats=args.repeats, progress=lambda line: print(line, file=sys.stderr))
     args.out.mkdir(parents=True, exist_ok=True)
     inputs = [args.checkpoint, args.data_dir]  # the reports of each run replace the last one's, never an input
     atomic_write_file(args.out / 'exit_curve.json', lambda tmp: tmp.write_text(json.dumps(result, indent=2)),

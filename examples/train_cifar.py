@@ -30,7 +30,8 @@ import torch.nn.functional as F
 import timm
 import timm_sila
 from timm_sila.io.atomic import atomic_write_file
-from timm_sila.measure.evaluate import evaluate, format_eval
+from timm_sila.measure.evaluate import evaluate
+from timm_sila_cli.eval import format_eval
 
 PAPER_MILESTONES = [30, 55, 80, 105, 135, 160, 180, 200, 220, 240]
 PAPER_EPOCHS = 260

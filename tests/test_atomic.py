@@ -809,7 +809,7 @@ def test_existing_folder_error_speaks_api(net, tmp_path):
     with pytest.raises(OutputExistsError, match=r'pass overwrite=True to replace') as info:
         strip(net, 0, out)
     assert '--force' not in str(info.value) and info.value.option == 'overwrite'
-    assert 'pass --force to replace' in info.value.message('--force')
+    assert 'pass --force to replace' in info.value.message(overwrite='--force')
     assert isinstance(info.value, FileExistsError)
 
 

@@ -8,7 +8,8 @@ import torch
 import timm
 
 from timm_sila import strip
-from timm_sila.measure.bench import _time_side_by_side, bench_branches, format_bench
+from timm_sila.measure.bench import _time_side_by_side, bench_branches
+from timm_sila_cli.bench import format_bench
 from timm_sila.measure.sizes import model_info
 
 FAST = dict(img_size=32, batch_size=2, threads=1, warmup=1, repeats=5)

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from timm_sila import load_stripped, strip
 from timm_sila.io.checkpoint import build_checked, load_silanet, read_checkpoint
-from timm_sila.config import CheckpointError, UnsafeFileError
+from timm_sila.io.trust import CheckpointError, UnsafeFileError
 from timm_sila.exits.early_exit import EarlyExit
 from timm_sila_cli import main
 
@@ -339,13 +339,13 @@ def test_corrupt_zip_directory_is_one_checkpoint_error(nets, tmp_path):
 def test_build_checked_falls_back_to_a_real_build_only_within_bounds(tmp_path, monkeypatch):
     """Where the meta device cannot build a model, values outside FILE_LIMITS are refused instead of built."""
     import timm_sila.io.checkpoint as checkpoint
-    real_create = checkpoint._create
+    real_create = checkpoint.create_with_img_size
 
-    def no_meta(name, img_size, kwargs):
+    def no_meta(name, img_size=None, /, **kwargs):
         if torch.empty(0).device.type == 'meta':
             raise RuntimeError('cannot build on meta')
-        return real_create(name, img_size, kwargs)
-    monkeypatch.setattr(checkpoint, '_create', no_meta)
+        return real_create(name, img_size, **kwargs)
+    monkeypatch.setattr(checkpoint, 'create_with_img_size', no_meta)
     state = timm.create_model('test_resnet', num_classes=10).state_dict()
     model = build_checked('test_resnet', {'num_classes': 10}, state, 'file.pth')
     assert torch.equal(model.state_dict()['fc.weight'], state['fc.weight'])

@@ -13,7 +13,7 @@ import torch
 import timm
 
 from timm_sila import load_stripped
-from timm_sila.cli import main
+from timm_sila_cli import main
 
 
 def n_params(*modules) -> int:

@@ -26,8 +26,8 @@ import timm
 from timm.data import create_transform
 
 from conftest import PEAK_RSS_MB
-from timm_sila.data.folder import (ImageFolderDataset, ImageFolderError, ImageReadError, class_names_from_config,
-                            image_loader, image_mode)
+from timm_sila.data.folder import ImageFolderDataset, ImageFolderError, ImageReadError, image_loader, image_mode
+from timm_sila.ship.strip import class_names_from_config
 from timm_sila.measure.evaluate import evaluate
 from timm_sila_cli import main
 

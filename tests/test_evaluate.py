@@ -9,8 +9,9 @@ import torch.nn.functional as F
 import timm
 import timm_sila
 from timm.data import create_transform, resolve_data_config
-from timm_sila.measure.evaluate import evaluate, format_eval
-from timm_sila.ship.strip import export_model
+from timm_sila.measure.evaluate import evaluate
+from timm_sila_cli.eval import format_eval
+from timm_sila.ship.strip import branch_model
 from timm_sila.measure.sizes import branch_sizes, count_params, model_info
 from timm_sila_cli import main
 
@@ -67,7 +68,7 @@ def test_sizes_are_the_stripped_models_and_match_info(sila):
     base = count_params(sila.base)
     assert rows[0]['params'] == base and rows[0]['cr'] == 0.0
     for k in (1, 2):
-        params = count_params(export_model(sila, k))
+        params = count_params(branch_model(sila, k))
         assert rows[k]['params'] == params < base
         assert rows[k]['cr'] == pytest.approx(1 - params / base)
         assert rows[k]['size_mb'] == pytest.approx(params * 4 / 2 ** 20)

@@ -1,5 +1,6 @@
 """exit-curve: thresholds come from calibration data only; the CLI runs end to end on an ImageFolder."""
 import json
+import sys
 import math
 
 import pytest
@@ -10,11 +11,11 @@ from PIL import Image
 import timm
 from safetensors.torch import save_file
 
-from timm_sila.cli import main
+from timm_sila_cli import main
 from timm_sila.exits.calibration import TEMPERATURE_BOUNDS, calibrate_temperatures, simulate_exits
 from timm_sila.exits.early_exit import EarlyExit
-from timm_sila.exits.curve import (
-    SlowerThanBaseWarning, exit_curve, exit_verdict, format_curve, measure_speedup)
+from timm_sila.exits.curve import SlowerThanBaseWarning, exit_curve, exit_verdict, measure_speedup
+from timm_sila_cli.exit_curve import format_curve
 
 
 def _loader(seed, n=24, batch=8):
@@ -113,7 +114,7 @@ def test_temperature_bounds_clamp_the_fit():
 
 
 def test_progress_goes_to_stderr_and_json_stays_clean(small, capsys):
-    exit_curve(small, _loader(0), _loader(1), points=2, timed=0, repeats=1, progress=True)
+    exit_curve(small, _loader(0), _loader(1), points=2, timed=0, repeats=1, progress=lambda line: print(f'exit-curve: {line}', file=sys.stderr))
     captured = capsys.readouterr()
     assert captured.out == ''
     assert 'exit-curve: calibration logits: 1/3 batches (8 images)' in captured.err

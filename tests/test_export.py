@@ -10,9 +10,9 @@ import timm
 
 from conftest import branch_logits, randomize_bn
 from timm_sila import strip
-from timm_sila.ship.export import (
-    DEFAULT_RTOL, ExportError, ExportParityError, MissingExtraError, export, export_check, fixed_size_reason,
-    format_export)
+from timm_sila.ship.export import (DEFAULT_RTOL, ExportError, ExportParityError, MissingExtraError, export,
+    fixed_size_reason)
+from timm_sila_cli.export import format_export
 from timm_sila_cli import main as cli_main
 
 onnx = pytest.importorskip('onnx', reason='ONNX export tests need pip install "timm-sila[export]"')
@@ -193,7 +193,7 @@ def test_bad_requests_fail_before_exporting(sila_r18, tmp_path):
 def test_cli_handler_json_is_the_only_stdout(tmp_path, capsys):
     import argparse
     import json
-    from timm_sila.ship.export import run_export
+    from timm_sila_cli.export import run as run_export
     torch.manual_seed(0)
     folder = strip(timm.create_model('sila_test_resnet', num_classes=10), 1, tmp_path / 'small', img_size=32)
     args = argparse.Namespace(source=str(folder), branch=None, format='onnx', out=str(tmp_path / 'small.onnx'),
@@ -207,11 +207,16 @@ def test_cli_handler_json_is_the_only_stdout(tmp_path, capsys):
         run_export(argparse.Namespace(**dict(vars(args), model='sila_resnet18', force=True)))
 
 
-def test_export_check_reports_success_and_reason():
-    ok, reason = export_check('test_vit', 32, 1, format='pt2')
-    assert ok and reason.startswith('max |delta|')
-    ok, reason = export_check('resnet18', 32, 5, format='pt2')
-    assert not ok and 'ValueError' in reason and 'branch' in reason
+def test_stripped_branch_of_a_vit_exports_and_a_missing_branch_is_refused(tmp_path):
+    """A stripped ViT branch (random weights, 32 px) exports within tolerance; a branch the model does not have is
+    one ValueError naming the branch, and nothing is written."""
+    vit = timm.create_model('sila_test_vit', img_size=32, num_classes=10, sila_branch=1, sila_stripped=True)
+    report = export(vit.eval(), 1, 'pt2', tmp_path / 'vit.pt2', img_size=32)
+    assert report['max_abs_diff'] <= report['tolerance']
+    net = timm.create_model('sila_resnet18', num_classes=10).eval()
+    with pytest.raises(ValueError, match='branch'):
+        export(net, 5, 'pt2', tmp_path / 'r18.pt2', img_size=32)
+    assert not (tmp_path / 'r18.pt2').exists()
 
 
 class DataDependent(TracedDifferently):

@@ -1,4 +1,4 @@
-"""No file makes timm-sila do unbounded work: `timm_sila.config.FILE_LIMITS` bounds every size a file may set, and
+"""No file makes timm-sila do unbounded work: `timm_sila.io.trust.FILE_LIMITS` bounds every size a file may set, and
 what a file claims is checked against its own weights before anything big is built.
 
 The hostile files run through the real CLI in ONE fresh Python process (imports are paid once): per case it
@@ -23,9 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import PEAK_RSS_MB
-from timm_sila.config import (
-    FILE_LIMITS, FILE_MODEL_KWARGS, CheckpointError, UnsafeFileError, bound_violation, parse_file_json,
-    sanitize_file_data_config, sanitize_file_model_kwargs)
+from timm_sila.io.trust import (FILE_LIMITS, FILE_MODEL_KWARGS, CheckpointError, UnsafeFileError, bound_violation,
+    parse_file_json, sanitize_file_data_config, sanitize_file_model_kwargs)
 from timm_sila.exits.early_exit import EarlyExit
 from timm_sila.ship.strip import strip
 
@@ -315,9 +314,9 @@ def test_crop_pct_of_real_models_accepted():
     ('[' * 33 + ']' * 33, 'nests 33 levels deep, above the bound of 32'),
     ('[' * 200_000 + ']' * 200_000, 'nests 200000 levels deep'),
     ('{"a": ' * 100_000 + '1' + '}' * 100_000, 'nests 100000 levels deep'),
-    ('"' + 'x' * (1 << 20) + '"', 'above the bound of 1,048,576'),
-    (b'{"a": "\xff"}', 'not valid UTF-8 JSON'),
-    ('{"a": NaN', 'not valid UTF-8 JSON'),
+    ('"' + 'x' * (1 << 20) + '"', 'larger than 1,048,576 bytes'),
+    (b'{"a": "\xff"}', 'not UTF-8 text'),
+    ('{"a": NaN', 'not valid JSON'),
 ])
 def test_json_bounds(text, fragment):
     with pytest.raises(CheckpointError, match='Cannot read the file') as info:

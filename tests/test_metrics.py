@@ -14,8 +14,12 @@ import torch
 import timm
 
 from timm_sila import load_stripped, strip
-from timm_sila.measure.bench import bench_branches, read_metrics
-from timm_sila.measure.metrics import MAX_JSON_DEPTH, MAX_METRICS_BYTES, MetricsError, check_params, read_eval_metrics
+from timm_sila.measure.bench import _accuracy_of, bench_branches
+from timm_sila.io.trust import FILE_LIMITS
+from timm_sila.measure.metrics import MetricsError, check_params, read_eval_metrics
+
+MAX_JSON_DEPTH = int(FILE_LIMITS['json_depth'].hi)
+MAX_METRICS_BYTES = int(FILE_LIMITS['json_bytes'].hi)
 from timm_sila.ship.card import model_card
 from timm_sila.measure.sizes import count_params
 from timm_sila_cli import main
@@ -62,7 +66,7 @@ CASES = [
     ('no-branches', dict(num_samples=3, rows=[]), '"branches" list'),
     ('not-an-object', '[1, 2, 3]', 'JSON object'),
     ('ensemble-out-of-range', _with(ensemble=dict(top1=101.0)), 'the ensemble has top1 = 101.0'),
-    ('deep-json', '[' * 200_000 + ']' * 200_000, f'more than the {MAX_JSON_DEPTH}'),
+    ('deep-json', '[' * 200_000 + ']' * 200_000, f'above the bound of {MAX_JSON_DEPTH}'),
     ('too-large', '{"pad": "' + 'x' * MAX_METRICS_BYTES + '"}', f'larger than {MAX_METRICS_BYTES:,} bytes'),
     ('not-utf8', b'\xff\xfe{}', 'not UTF-8'),
     ('not-json', '{not json', 'is not valid JSON'),
@@ -83,7 +87,7 @@ def test_a_true_eval_result_passes_unchanged():
     assert checked['num_samples'] == 12 and checked['split'] == 'test'
     assert checked['branches'][1] == dict(top1=41.67, top2=91.67, loss=0.7, params=108018)
     assert checked['ensemble'] == dict(top1=50.0, top2=100.0, loss=0.69)
-    assert read_metrics(GOOD) == {0: dict(top1=50.0, params=372594), 1: dict(top1=41.67, params=108018)}
+    assert _accuracy_of(GOOD) == {0: dict(top1=50.0, params=372594), 1: dict(top1=41.67, params=108018)}
     check_params(checked, 1, 108018)
     with pytest.raises(MetricsError, match='108,018 params, the model has 5'):
         check_params(checked, 1, 5)

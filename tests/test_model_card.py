@@ -8,7 +8,7 @@ import yaml
 import timm
 
 from timm_sila import load_stripped, strip
-from timm_sila.ship.strip import export_model
+from timm_sila.ship.strip import branch_model
 from timm_sila.ship.card import model_card, write_model_card
 
 
@@ -78,7 +78,7 @@ def test_card_of_a_loaded_model_and_bad_metrics(folders, tmp_path):
     model = load_stripped(b1)
     assert model_card(b1, model=model) == model_card(b1)
     # as strip would call it: the model it exported (timm's default 224 cfg) and a temp folder's name
-    text = model_card(b0, model=export_model(net, 0), name='final_name')
+    text = model_card(b0, model=branch_model(net, 0), name='final_name')
     assert '3 × 32 × 32' in text and 'local-dir:final_name"' in text  # config.json's input size, not the model's
     wrong = dict(EVAL, branches=[dict(branch=1, top1=40.0, params=123)])
     with pytest.raises(ValueError, match='another model'):

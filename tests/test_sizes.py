@@ -13,11 +13,11 @@ import torch
 import timm
 from conftest import PEAK_RSS_MB
 from timm_sila import SilaNet
-from timm_sila.io.checkpoint import create_with_img_size
-from timm_sila.cli import format_info
-from timm_sila.ship.strip import export_model
-from timm_sila.measure.sizes import (MB, MemoryBoundError, available_memory, batch_memory, branch_sizes, check_batch_fits,
-                             count_params, model_info, size_row)
+from timm_sila.model import create_with_img_size
+from timm_sila_cli.info import format_info
+from timm_sila.ship.strip import branch_model
+from timm_sila.measure.sizes import MB, branch_sizes, count_params, model_info, size_row
+from timm_sila.data.memory import MemoryBoundError, available_memory, batch_memory, check_batch_fits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,8 @@ def test_rows_count_the_real_stripped_models_of_a_vit():
     rows = branch_sizes(net)  # counted on the meta device
     assert [r['branch'] for r in rows] == [0, 1, 2]
     for k in (1, 2):
-        assert rows[k]['params'] == count_params(export_model(net, k)) < rows[0]['params']
-    stripped = export_model(net, 1)
+        assert rows[k]['params'] == count_params(branch_model(net, k)) < rows[0]['params']
+    stripped = branch_model(net, 1)
     assert branch_sizes(stripped) == [rows[1]]
 
 
@@ -120,8 +120,8 @@ def test_check_batch_fits_refuses_what_cannot_fit_and_says_what_to_pass(small, b
         check_batch_fits(batch, input_size, small, available=available)
     e = err.value
     assert error in str(e) and isinstance(e, ValueError) and e.needed > e.available == available
-    assert '--batch-size' in e.message('--batch-size', '--img-size') or '--img-size' in e.message(
-        '--batch-size', '--img-size')
+    assert '--batch-size' in e.message(batch_size='--batch-size', img_size='--img-size') or '--img-size' in e.message(
+        batch_size='--batch-size', img_size='--img-size')
     if e.largest_batch:  # the batch the error names as the largest passes, one more does not
         check_batch_fits(e.largest_batch, input_size, small, available=available)
         with pytest.raises(MemoryBoundError):

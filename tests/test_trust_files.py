@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 import timm_sila
 from timm_sila import CheckpointError, load_stripped, strip
 from timm_sila.io.checkpoint import load_silanet, read_checkpoint
-from timm_sila.config import SilaConfig, UnsafeFileError, sanitize_file_model_kwargs
+from timm_sila.config import SilaConfig
+from timm_sila.io.trust import UnsafeFileError, sanitize_file_model_kwargs
 
 ARCH = 'sila_test_resnet'  # timm's 0.4M-parameter test ResNet: taps layer3, layer1
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 import timm
 
 from timm_sila import SilaLoss, SilaNet, sila_cross_entropy, sila_log_probs, sila_set_weights
-from timm_sila.cli import main
-from timm_sila.config import CheckpointError
+from timm_sila_cli import main
+from timm_sila.io.trust import CheckpointError
 from timm_sila.exits.early_exit import EarlyExit
 from timm_sila.exits.curve import exit_curve
 from timm_sila.loss.logits import wrap_sila_logits

@@ -6,7 +6,8 @@ from typing import Any, Dict, Optional
 import timm
 from timm.models import DefaultCfg, generate_default_cfgs, load_pretrained, register_model
 
-from .config import SILA_KWARGS, SILA_PREFIX, SilaConfig, base_arch, sanitize_file_data_config, sanitize_file_model_kwargs
+from .config import SILA_KWARGS, SILA_PREFIX, SilaConfig, base_arch
+from timm_sila.io.trust import sanitize_file_data_config, sanitize_file_model_kwargs
 from .model import SilaNet, sila_pretrained_cfg
 from ._timm_compat import arch_pretrained_cfgs
 
@@ -56,7 +57,7 @@ def _create_sila(arch: str, pretrained: bool = False, pretrained_cfg=None, pretr
         base = timm.create_model(
             arch, pretrained=pretrained, pretrained_cfg=pretrained_cfg,
             pretrained_cfg_overlay=pretrained_cfg_overlay, cache_dir=cache_dir, **kwargs)
-    model = SilaNet(base, **{k[len(SILA_PREFIX):]: v for k, v in config.to_kwargs().items()})
+    model = SilaNet(base, config=config)
     if sila_weights:
         model.pretrained_cfg = dict(sila_pretrained_cfg(base.pretrained_cfg, arch), **file_cfg,
                                     architecture=f'{SILA_PREFIX}{arch}')

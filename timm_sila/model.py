@@ -1,4 +1,5 @@
 """SilaNet: a timm model plus auxiliary Siamese-label heads on earlier stages (paper Sec 2.2-2.3)."""
+import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Union
 
 import torch
@@ -6,14 +7,16 @@ import torch.nn as nn
 
 import timm
 
-from .config import sila_name
-from .heads import create_head
-from timm_sila.loss.logits import SilaLossError, wrap_sila_logits
-from timm_sila.loss.functional import _check_hparams
-from .taps import TAP_RULES, choose_taps, probe_stages, resolve_taps
-from ._timm_compat import copy_traits, group_with_matcher, model_args, pinned_args
+from timm_sila.config import SilaConfig, check_branch, sila_name
+from timm_sila.heads import create_head
+from timm_sila.loss import SilaLossError, wrap_sila_logits
+from timm_sila.taps import choose_taps, probe_stages, resolve_taps
+from timm_sila._timm_compat import copy_traits, group_with_matcher, model_args, pinned_args
 
-__all__ = ['SilaNet', 'sila_pretrained_cfg', 'prune_base']
+__all__ = ['SilaNet', 'sila_pretrained_cfg', 'prune_base', 'create_with_img_size']
+
+
+_DEFAULT_SETTINGS = dict(sets=3, beta=0.1, decay=0.5, taps=None, branch=0, head='conv3x3', stripped=False)
 
 
 def sila_pretrained_cfg(base_cfg: Dict[str, Any], arch: str) -> Dict[str, Any]:
@@ -37,6 +40,19 @@ def _arch_name(model: nn.Module) -> str:
     return arch
 
 
+def create_with_img_size(name: str, img_size: Optional[int] = None, /, **kwargs) -> nn.Module:
+    """timm.create_model at input size `img_size`: passed as img_size= to models with a fixed input size (timm's
+    pretrained cfg `fixed_input_size`, e.g. ViTs); other models run at any size and are built as they are. An
+    img_size in `kwargs` (e.g. a checkpoint's model_kwargs) is passed as it is and wins."""
+    if 'img_size' in kwargs or img_size is None or not timm.models.get_pretrained_cfg_value(name, 'fixed_input_size'):
+        return timm.create_model(name, **kwargs)
+    try:
+        return timm.create_model(name, img_size=img_size, **kwargs)
+    except TypeError as e:
+        raise ValueError(f'{name} has a fixed input size and no img_size argument, so it cannot be built for '
+                         f'{img_size}x{img_size}; leave the image size at its default.') from e
+
+
 def prune_base(base: nn.Module, tap_index: int) -> None:
     """Prune a timm model in place to what feature_info stage `tap_index` needs (no later layer, norm or head)."""
     base.prune_intermediate_layers(indices=[tap_index], prune_norm=True, prune_head=True)
@@ -50,6 +66,10 @@ class SilaNet(nn.Module):
       * train mode: `SilaLogits` (B, M·N) ordered [set 0 | set 1 | ... | set M-1];
       * eval mode: (B, N) logits of set `branch`; branch k >= 1 runs the backbone only up to tap k.
     `stripped=True` builds only what branch k >= 1 needs (backbone pruned after tap k, head k).
+
+    The settings are one `SilaConfig`, validated once: pass `config=` or the settings as keyword arguments
+    (sets, beta, decay, taps, branch, head, stripped), not both. `self.config` is kept current (`branch` follows
+    `model.branch`); `sets`, `beta`, `decay`, `head_type` and `stripped` read it.
     """
 
     def __init__(
@@ -63,13 +83,18 @@ class SilaNet(nn.Module):
             branch: int = 0,
             head: str = 'conv3x3',
             stripped: bool = False,
+            *,
+            config: Optional[SilaConfig] = None,
             **base_kwargs,
     ):
         super().__init__()
-        if isinstance(sets, bool) or not isinstance(sets, int) or sets < 2:
-            raise ValueError(f'sets must be an integer >= 2 (the paper uses 3), got {sets!r}.')
-        _check_hparams(beta, decay)
-        create_head(head, 1, 1)  # validates the head type before building anything
+        settings = dict(sets=sets, beta=beta, decay=decay, taps=taps, branch=branch, head=head, stripped=stripped)
+        if config is None:
+            config = SilaConfig(**settings)
+        elif settings != _DEFAULT_SETTINGS:
+            raise ValueError('Pass the SilaNet settings either as config=SilaConfig(...) or as keyword arguments '
+                             '(sets, beta, decay, taps, branch, head, stripped), not both.')
+        create_head(config.head, 1, 1)  # validates the head type before building anything
         if isinstance(base, str):
             if not timm.is_model(base):
                 raise ValueError(f'Unknown timm architecture {base!r}; see timm.list_models().')
@@ -91,30 +116,23 @@ class SilaNet(nn.Module):
 
         self.arch = _arch_name(base)
         self.num_classes = int(num_classes)
-        self.sets = sets
-        self.beta = float(beta)
-        self.decay = float(decay)
-        self.head_type = head
-        self.stripped = False  # set below, once the branch is fixed
+        self.config = dataclasses.replace(config, stripped=False)  # stripped once the layers are removed, below
         stages, self.total_depth = probe_stages(base)
         self.stages = stages
-        if isinstance(taps, (list, tuple)) and len(taps) == 1 and taps[0] in TAP_RULES:
-            taps = taps[0]  # e.g. CLI `--taps stages`
-        rule = 'depth' if taps is None else taps if isinstance(taps, str) and taps in TAP_RULES else None
+        rule = 'depth' if config.taps is None else config.taps if isinstance(config.taps, str) else None
         self.tap_indices: List[int] = (
-            choose_taps(stages, self.total_depth, sets, rule) if rule else resolve_taps(taps, stages, sets))
+            choose_taps(stages, self.total_depth, config.sets, rule) if rule
+            else resolve_taps(config.taps, stages, config.sets))
         self.taps: List[str] = [stages[i].module for i in self.tap_indices]
-        self._branch = 0
-        self.branch = branch
 
         self.base = base
         self.heads = nn.ModuleDict({
-            str(k): create_head(head, stages[i].channels, self.num_classes)
+            str(k): create_head(config.head, stages[i].channels, self.num_classes)
             for k, i in enumerate(self.tap_indices, start=1)
         })
-        if stripped:
-            self._strip_to(branch)
-            self.stripped = True
+        if config.stripped:
+            self._strip_to(config.branch)
+            self.config = config
         self.pretrained_cfg = sila_pretrained_cfg(getattr(base, 'pretrained_cfg', {}), self.arch)
         self.default_cfg = self.pretrained_cfg
         self.num_features = getattr(base, 'num_features', None)
@@ -122,19 +140,36 @@ class SilaNet(nn.Module):
         # timm's input config (img_size, first conv) of the base, read by get_model_input_config / save_for_hf
         copy_traits(base, self, lambda conv: sila_pretrained_cfg({'first_conv': conv}, self.arch)['first_conv'])
 
-    # --- branch selection -------------------------------------------------------------------------------
+    # --- settings and branch selection ----------------------------------------------------------------
+    @property
+    def sets(self) -> int:
+        return self.config.sets
+
+    @property
+    def beta(self) -> float:
+        return self.config.beta
+
+    @property
+    def decay(self) -> float:
+        return self.config.decay
+
+    @property
+    def head_type(self) -> str:
+        return self.config.head
+
+    @property
+    def stripped(self) -> bool:
+        return self.config.stripped
+
     @property
     def branch(self) -> int:
         """The set answered in eval mode: 0 = base head, k >= 1 = head k on tap k."""
-        return self._branch
+        return self.config.branch
 
     @branch.setter
     def branch(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.sets:
-            raise ValueError(f'branch must be an integer in [0, {self.sets - 1}] for sets={self.sets}, got {value!r}.')
-        if getattr(self, 'stripped', False) and value != self._branch:
-            raise ValueError(f'This SilaNet was stripped to branch {self._branch}; it has no branch {value}.')
-        self._branch = value
+        value = check_branch(value, self.sets, self.branch if self.stripped else None)
+        self.config = dataclasses.replace(self.config, branch=value)
 
     def _strip_to(self, branch: int) -> None:
         if branch == 0:
@@ -228,9 +263,9 @@ class SilaNet(nn.Module):
         return dict(model_args(self.base), **pinned_args(self.arch, self.base), num_classes=self.num_classes)
 
     def sila_args(self) -> Dict[str, Any]:
-        """The `sila_*` keyword arguments that rebuild this SilaNet through timm.create_model."""
-        return dict(sila_sets=self.sets, sila_beta=self.beta, sila_decay=self.decay, sila_taps=self.tap_args(),
-                    sila_branch=self.branch, sila_head=self.head_type, sila_stripped=self.stripped)
+        """The `sila_*` keyword arguments that rebuild this SilaNet through timm.create_model: `config`'s, with the
+        taps as resolved (`tap_args`), so a rebuild taps the same stages whatever rule chose them."""
+        return dict(self.config.to_kwargs(), sila_taps=self.tap_args())
 
     def tap_args(self) -> List[Union[str, int]]:
         """The taps as `sila_taps` takes them: module names, or feature_info indices where a name is shared by

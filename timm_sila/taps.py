@@ -7,7 +7,7 @@ import torch.nn as nn
 from torch.func import functional_call
 from timm.models import get_model_input_config
 
-from .config import TAP_RULES
+from timm_sila.config import TAP_RULES
 from ._timm_compat import built_by_timm
 
 __all__ = ['Stage', 'TAP_RULES', 'probe_stages', 'choose_taps', 'resolve_taps']

@@ -27,6 +27,9 @@ __all__ = ['main', 'build_parser', 'SUBCOMMANDS', 'BAD_INPUT', 'error_line']
 # of range): reported in one line with exit status 2. Anything else is a bug and keeps its traceback.
 BAD_INPUT = (ValueError, OSError)
 
+# The API argument names library errors use (`err.message(**API_FLAGS)`), and the flags that set them here.
+API_FLAGS = dict(overwrite='--force', batch_size='--batch-size', img_size='--img-size')
+
 _OS_HINTS = {
     errno.ENOSPC: 'the disk is full: free some space or write elsewhere',
     errno.EFBIG: 'the file is larger than this system or file size limit allows: write elsewhere',
@@ -39,10 +42,11 @@ _OS_HINTS = {
 
 def error_line(err: BaseException) -> str:
     """One line describing a BAD_INPUT error; an OSError from the system says which file and what to do."""
-    text = str(err)
+    worded = callable(getattr(err, 'message', None))  # a library error naming API arguments: say the flags instead
+    text = err.message(**API_FLAGS) if worded else str(err)
     if isinstance(err, OSError):
-        if callable(getattr(err, 'message', None)):  # a refused write: the API's overwrite=True is the CLI's --force
-            text = err.message('--force')
+        if worded:
+            pass
         elif err.strerror and err.filename is not None:  # as the OS raised it: "[Errno 28] ...: 'path'"
             name = os.fsdecode(err.filename) if isinstance(err.filename, bytes) else str(err.filename)
             text = f'{err.strerror}: {name}'
@@ -175,7 +179,7 @@ def add_strip_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--no-card', dest='card', action='store_false', help='do not write the README.md model card')
     p.add_argument('--json', action='store_true', help='print machine-readable JSON')
     _debug_option(p)
-    p.set_defaults(handler='timm_sila.cli:run_strip')
+    p.set_defaults(handler='timm_sila_cli.strip:run')
     return p
 
 
@@ -188,7 +192,7 @@ def add_info_parser(subparsers) -> argparse.ArgumentParser:
     _sila_options(p)
     p.add_argument('--json', action='store_true', help='print machine-readable JSON')
     _debug_option(p)
-    p.set_defaults(handler='timm_sila.cli:run_info')
+    p.set_defaults(handler='timm_sila_cli.info:run')
     return p
 
 
@@ -217,7 +221,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--json', action='store_true', help='print the result as JSON')
     _debug_option(p)
-    p.set_defaults(handler='timm_sila.measure.evaluate:run_eval')
+    p.set_defaults(handler='timm_sila_cli.eval:run')
     return p
 
 
@@ -247,7 +251,7 @@ def add_exit_curve_parser(subparsers) -> argparse.ArgumentParser:
                    help='replace an existing --png / --save file (never the checkpoint or an image folder)')
     p.add_argument('--json', action='store_true')
     _debug_option(p)
-    p.set_defaults(handler='timm_sila.exits.curve:run_exit_curve')
+    p.set_defaults(handler='timm_sila_cli.exit_curve:run')
     return p
 
 
@@ -282,7 +286,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--force', action='store_true', help='replace an existing --out file (never the source)')
     p.add_argument('--json', action='store_true', help='print the report as JSON')
     _debug_option(p)
-    p.set_defaults(handler='timm_sila.ship.export:run_export')
+    p.set_defaults(handler='timm_sila_cli.export:run')
     return p
 
 
@@ -307,7 +311,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--ema', action='store_true', help="time the checkpoint's EMA weights (same speed)")
     p.add_argument('--json', action='store_true', help='print the result as JSON')
     _debug_option(p)
-    p.set_defaults(handler='timm_sila.measure.bench:run_bench')
+    p.set_defaults(handler='timm_sila_cli.bench:run')
     return p
 
 

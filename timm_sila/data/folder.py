@@ -31,8 +31,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
+from timm_sila._checks import first_line
+
 __all__ = ['ImageFolderDataset', 'ImageFolderError', 'ImageReadError', 'IMG_EXTENSIONS', 'image_mode',
-           'image_loader', 'eval_loader', 'class_names_from_config']
+           'image_loader', 'eval_loader']
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')  # torchvision's
 _IMAGE_MODES = {1: 'L', 3: 'RGB'}
@@ -222,20 +224,15 @@ class ImageFolderDataset(Dataset):
         try:
             img = _open_image(path, self.img_mode)
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-            raise ImageReadError(f'cannot read image {path} ({type(e).__name__}: {_first_line(e)}); remove or '
+            raise ImageReadError(f'cannot read image {path} ({type(e).__name__}: {first_line(e)}); remove or '
                                  f'replace it.') from None
         if self.transform is not None:
             try:
                 img = self.transform(img)
             except Exception as e:
                 raise ImageReadError(f'cannot transform image {path} of {img.size[0]}x{img.size[1]} pixels '
-                                     f'({type(e).__name__}: {_first_line(e)}).') from None
+                                     f'({type(e).__name__}: {first_line(e)}).') from None
         return img, target
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 # --- loading in batches, worker processes included --------------------------------------------------------------
@@ -294,27 +291,6 @@ def image_loader(dataset: Dataset, batch_size: int, workers: int = 0, limit: Opt
                         pin_memory=pin_memory, collate_fn=_collate)
 
 
-def class_names_from_config(config: Any, num_classes: Optional[int]) -> Optional[List[str]]:
-    """The class names a timm hub config (config.json) records -- top-level or pretrained_cfg `label_names`, a list
-    or an {index: name} mapping -- when they are one short name per class; else None (not recorded, or not usable:
-    timm drops label names whose count differs from num_classes)."""
-    if not isinstance(config, dict):
-        return None
-    cfg = config.get('pretrained_cfg')
-    names = config.get('label_names', cfg.get('label_names') if isinstance(cfg, dict) else None)
-    if isinstance(names, dict):
-        try:
-            by_index = {int(k): v for k, v in names.items()}
-        except (TypeError, ValueError):
-            return None
-        names = [by_index.get(i) for i in range(len(by_index))]
-    if not isinstance(names, (list, tuple)) or not names or (num_classes is not None and len(names) != num_classes):
-        return None
-    if not all(isinstance(n, str) and 0 < len(n) <= 256 for n in names):
-        return None
-    return list(names)
-
-
 def eval_loader(root: Union[str, Path], model: torch.nn.Module, data_config: Dict[str, Any], batch_size: int,
                 workers: int = 0, limit: Optional[int] = None, device: Union[str, torch.device, None] = None,
                 class_names: Optional[Sequence[str]] = None) -> DataLoader:
@@ -324,7 +300,7 @@ def eval_loader(root: Union[str, Path], model: torch.nn.Module, data_config: Dic
     batch -- `batch_size`, or all images when fewer -- checked against the memory available on the CPU and on
     `device` (`timm_sila.sizes.check_batch_fits`: MemoryBoundError, a ValueError)."""
     from timm.data import create_transform
-    from timm_sila.measure.sizes import check_batch_fits
+    from timm_sila.data.memory import check_batch_fits
     input_size = tuple(data_config['input_size'])
     num_classes = getattr(model, 'num_classes', None)
     dataset = ImageFolderDataset(root, transform=create_transform(**data_config, is_training=False),

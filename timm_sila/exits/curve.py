@@ -1,22 +1,17 @@
 """Accuracy vs compute (and measured throughput) of a SilaNet's early exits over a threshold sweep.
 
-Python: `exit_curve(model, calib_loader, eval_loader) -> dict`. CLI: `timm-sila exit-curve` (parser in
-`timm_sila_cli`, handler `run_exit_curve`).
-Temperatures and every threshold are derived from the calibration data only; the evaluation split is
+`exit_curve(model, calib_loader, eval_loader) -> dict`; the command line's `timm-sila exit-curve` prints it as a
+table. Temperatures and every threshold are derived from the calibration data only; the evaluation split is
 only measured.
 
 Compute fractions are MAC counts, not time: routing has a per-batch cost and early layers are often memory-bound,
 so a point that saves MACs can still be slower than the base model. `exit_curve` therefore measures throughput
 against the base model and gives a verdict (`exit_verdict`): whether any operating point within `max_drop` is
-faster than the base model, and which stripped branch (`timm_sila.shipping.export_model`) is the fastest within the
+faster than the base model, and which stripped branch (`timm_sila.ship.strip.branch_model`) is the fastest within the
 same drop. `measure_speedup` times any model (an `EarlyExit` included) against its base the same way.
 """
-import argparse
-import json
 import math
-import os
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,15 +19,16 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from timm_sila.io.atomic import atomic_write_file, check_output_file
-from .early_exit import EarlyExit
-from .calibration import calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
-from .policy import certainty, exit_score
 from timm_sila.model import SilaNet
-from timm_sila.ship.strip import export_model
+from timm_sila.ship.strip import branch_model
+from .calibration import calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
+from .early_exit import EarlyExit
+from .policy import certainty, exit_score
 
-__all__ = ['collect_branch_logits', 'exit_curve', 'exit_verdict', 'format_curve', 'measure_branches',
-           'measure_speedup', 'plot_curve', 'run_exit_curve', 'SlowerThanBaseWarning']
+__all__ = ['collect_branch_logits', 'exit_curve', 'exit_verdict', 'measure_branches', 'measure_speedup', 'plot_curve',
+           'SlowerThanBaseWarning']
+
+Progress = Optional[Callable[[str], None]]
 
 
 class SlowerThanBaseWarning(UserWarning):
@@ -41,12 +37,12 @@ class SlowerThanBaseWarning(UserWarning):
 
 
 @torch.no_grad()
-def collect_branch_logits(model: SilaNet, loader: Iterable, device=None, progress: Optional[str] = None,
+def collect_branch_logits(model: SilaNet, loader: Iterable, device=None, progress: Progress = None,
                           what: str = 'data'):
     """(logits (n, M, N) in set order, labels (n,), inputs kept for timing (first 4 batches)).
 
-    progress: a label; when given, batches done are printed to stderr (first batch, then every 5 s, and the last).
-    An empty loader is a ValueError naming `what`."""
+    progress: called with a line '<what> logits: i/n batches (k images)' for the first batch, then every 5 s, and
+    the last. An empty loader is a ValueError naming `what`."""
     model.eval()
     outs, labels, kept = [], [], []
     total = len(loader) if hasattr(loader, '__len__') else None
@@ -59,9 +55,8 @@ def collect_branch_logits(model: SilaNet, loader: Iterable, device=None, progres
         images += len(y)
         if len(kept) < 4:
             kept.append(x)
-        if progress and (i == 1 or i == total or time.monotonic() - shown >= 5.0):
-            print(f'{progress}: {i}/{total if total is not None else "?"} batches ({images} images)',
-                  file=sys.stderr, flush=True)
+        if progress is not None and (i == 1 or i == total or time.monotonic() - shown >= 5.0):
+            progress(f'{what} logits: {i}/{total if total is not None else "?"} batches ({images} images)')
             shown = time.monotonic()
     if not images:
         raise ValueError(f'The {what} set is empty: exit-curve needs at least one image in it.')
@@ -132,7 +127,7 @@ def measure_branches(model: SilaNet, calib_logits: torch.Tensor, calib_labels: t
     'within' (calib_drop <= max_drop: the selection uses the calibration data only), with eval logits 'accuracy' and
     'drop' (the same on the evaluation data, reported, never used to select), with segment_macs 'compute' (the
     branch's backbone MACs over the base model's), and, for branches within the drop, 'speedup':
-    `measure_speedup(export_model(model, k), model.base, batches, repeats)`, the model `strip --branch k` ships.
+    `measure_speedup(branch_model(model, k), model.base, batches, repeats)`, the model `strip --branch k` ships.
     A branch that cannot be stripped (no prune_intermediate_layers) gets 'error' instead of 'speedup'.
     """
     base_calib = _accuracy(calib_logits[:, 0], calib_labels)
@@ -150,7 +145,7 @@ def measure_branches(model: SilaNet, calib_logits: torch.Tensor, calib_labels: t
             entry['compute'] = sum(segment_macs[:model.sets - k]) / sum(segment_macs)
         if entry['within']:
             try:
-                stripped = export_model(model, k).to(device=param.device, dtype=param.dtype)
+                stripped = branch_model(model, k).to(device=param.device, dtype=param.dtype)
             except ValueError as e:
                 entry['error'] = ' '.join(str(e).split())
             else:
@@ -294,7 +289,7 @@ def _sweep_thresholds(logits: torch.Tensor, labels: torch.Tensor, temps: List[fl
 @torch.no_grad()
 def exit_curve(model: SilaNet, calib_loader: Iterable, eval_loader: Iterable, policy: str = 'confidence',
                points: int = 12, max_drop: float = 1.0, timed: int = 4, repeats: int = 3, device=None,
-               progress: bool = False) -> Dict:
+               progress: Progress = None) -> Dict:
     """Threshold sweep of EarlyExit(model): `points` rows (fewer only if the calibration data has fewer distinct
     operating points) of threshold, eval accuracy (%), drop and calibration drop (points below the base head on
     each split), compute fraction, exits per set and, for `timed` rows spread over the sweep plus the chosen one,
@@ -310,7 +305,7 @@ def exit_curve(model: SilaNet, calib_loader: Iterable, eval_loader: Iterable, po
     than the base model and, if not, which stripped branch is the fastest within the drop ('ship'). When the chosen
     point is measured no faster than the base model a `SlowerThanBaseWarning` carries the verdict's message (also
     listed in 'warnings'): an EarlyExit saved at that point would be slower than the model it replaces.
-    progress: print phases and batches to stderr."""
+    progress: called with one line per phase and batch report (e.g. `lambda line: print(line, file=sys.stderr)`)."""
     if isinstance(points, bool) or not isinstance(points, int) or points < 1:
         raise ValueError(f'points must be an integer >= 1, got {points!r}.')
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) \
@@ -318,13 +313,9 @@ def exit_curve(model: SilaNet, calib_loader: Iterable, eval_loader: Iterable, po
         raise ValueError(f'max_drop must be a finite number of accuracy points >= 0, got {max_drop!r}.')
     if timed < 0 or repeats < 1:
         raise ValueError(f'timed must be >= 0 and repeats >= 1, got timed={timed}, repeats={repeats}.')
-    def label(split: str) -> Optional[str]:
-        return f'exit-curve: {split} logits' if progress else None
-
-    calib_logits, calib_labels, _ = collect_branch_logits(model, calib_loader, device, label('calibration'),
-                                                          what='calibration')
-    eval_logits, eval_labels, batches = collect_branch_logits(model, eval_loader, device, label('evaluation'),
-                                                              what='evaluation')
+    report = progress or (lambda line: None)
+    calib_logits, calib_labels, _ = collect_branch_logits(model, calib_loader, device, progress, what='calibration')
+    eval_logits, eval_labels, batches = collect_branch_logits(model, eval_loader, device, progress, what='evaluation')
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         temps = calibrate_temperatures(calib_logits, calib_labels)
@@ -351,16 +342,12 @@ def exit_curve(model: SilaNet, calib_loader: Iterable, eval_loader: Iterable, po
     chosen_at = next(i for i, r in enumerate(rows) if r['chosen'])
     spread = torch.linspace(0, len(rows) - 1, timed).round().long().tolist() if timed > 0 else []
     to_time = [rows[i] for i in sorted({chosen_at, *spread})] + [per_exit]
-    if progress:
-        print(f'exit-curve: timing {len(to_time)} operating points against the base model', file=sys.stderr,
-              flush=True)
+    report(f'timing {len(to_time)} operating points against the base model')
     for row in to_time:
         ee.set_thresholds(row.get('thresholds', row.get('threshold')))
         row['speedup'] = measure_speedup(ee, model.base, batches, repeats)
         row['measured_compute'] = ee(torch.cat(batches)).compute
-    if progress:
-        print(f'exit-curve: timing the stripped branches within {max_drop:g} points against the base model',
-              file=sys.stderr, flush=True)
+    report(f'timing the stripped branches within {max_drop:g} points against the base model')
     branches = measure_branches(model, calib_logits, calib_labels, batches, max_drop, eval_logits, eval_labels,
                                 seg, repeats)
     verdict = exit_verdict(rows + [per_exit], branches, max_drop)
@@ -372,49 +359,10 @@ def exit_curve(model: SilaNet, calib_loader: Iterable, eval_loader: Iterable, po
                 batch_size=len(batches[0]), per_exit=per_exit, branches=branches, verdict=verdict, warnings=notes)
 
 
-def _threshold_texts(values: List[float]) -> List[str]:
-    """Thresholds printed with the fewest decimals (4 to 12) that tell every row apart."""
-    for digits in range(4, 13):
-        texts = [f'{v:.{digits}f}' for v in values]
-        if len(set(texts)) == len(texts):
-            break
-    return texts
-
-
-def format_curve(result: Dict) -> str:
-    """The `exit_curve` result as a table (one row per threshold), then the per-exit point, one line per stripped
-    branch, the legend and, last, 'verdict: ' and the verdict's message."""
-    texts = _threshold_texts([r['threshold'] for r in result['rows']])
-    width = max([len('threshold')] + [len(t) for t in texts])
-    head = f"{'threshold':>{width}}  {'acc %':>7}  {'drop':>6}  {'compute':>8}  {'speed-up':>8}  exits by set"
-    lines = [head, '-' * len(head)]
-    for r, text in zip(result['rows'], texts):
-        speed = f"{r['speedup']:.2f}x" if 'speedup' in r else '-'
-        exits = ' '.join(f'{k}:{v}' for k, v in r['exits'].items())
-        mark = '  <- chosen on calibration data' if r['chosen'] else ''
-        lines.append(f"{text:>{width}}  {r['accuracy']:>7.2f}  {r['drop']:>6.2f}  {r['compute']:>8.3f}  "
-                     f"{speed:>8}  {exits}{mark}")
-    per = result.get('per_exit')
-    if per:
-        lines.append(f"per-exit thresholds {[round(t, 4) for t in per['thresholds']]} (exit order, chosen on "
-                     f"calibration data): acc {per['accuracy']:.2f} %, drop {per['drop']:.2f}, compute "
-                     f"{per['compute']:.3f}, speed-up {per['speedup']:.2f}x")
-    for b in result.get('branches', []):
-        drops = f"calibration drop {b['calib_drop']:.2f}" + (f", drop {b['drop']:.2f}" if 'drop' in b else '') + (
-            f", compute {b['compute']:.3f}" if 'compute' in b else '')
-        speed = (f"speed-up {b['speedup']:.2f}x" if 'speedup' in b else f"not timed: {b['error']}" if 'error' in b
-                 else f"not timed: beyond max drop {result['max_drop']:g}")
-        lines.append(f"stripped branch {b['branch']}: {drops}, {speed}")
-    lines.append(f"base (set 0) accuracy {result['base_accuracy']:.2f} %; compute = backbone MACs / base MACs; "
-                 f"speed-up = measured throughput vs base, batch {result['batch_size']}; temperatures "
-                 f"{[round(t, 3) for t in result['temperatures']]}")
-    if 'verdict' in result:
-        lines.append(f"verdict: {result['verdict']['message']}")
-    return '\n'.join(lines)
-
-
 def plot_curve(result: Dict, path: Path) -> Optional[Path]:
-    try:
+    """The sweep of an `exit_curve` result as a PNG at `path` (accuracy vs compute, and vs 1 / measured speed-up);
+    None, writing nothing, where matplotlib is not installed."""
+    try:  # optional dependency (the examples extra), imported only to draw
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
@@ -433,74 +381,3 @@ def plot_curve(result: Dict, path: Path) -> Optional[Path]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-# --- CLI handler: timm-sila exit-curve (parser: timm_sila_cli.add_exit_curve_parser) --------------------------
-def _loader(root: Path, model: SilaNet, data_config: Dict, batch_size: int, limit: Optional[int]):
-    """The image folder `root` as `timm_sila.data.eval_loader` reads it (classes, channels and memory checked)."""
-    from timm_sila.data.folder import eval_loader
-    from timm_sila.measure.sizes import MemoryBoundError
-    try:
-        return eval_loader(root, model, data_config, batch_size, workers=2, limit=limit)
-    except MemoryBoundError as e:
-        raise ValueError(e.message('--batch-size', '--img-size')) from e
-
-
-def _curve_inputs(args: argparse.Namespace) -> List[Path]:
-    """What exit-curve reads: its outputs may be none of these, nor lie in the image folders."""
-    return [Path(args.checkpoint), Path(args.data_dir) / args.split, Path(args.data_dir) / args.calib_split]
-
-
-def _check_curve_outputs(args: argparse.Namespace) -> List[Path]:
-    """--png / --save: each a new file (or, with --force, a file to replace), neither the other nor an input."""
-    outputs = [p for p in (args.png, args.save) if p is not None]
-    if len(outputs) == 2 and os.path.realpath(args.png) == os.path.realpath(args.save):
-        raise ValueError(f'--png and --save both name {args.save}; give each its own file.')
-    for path in outputs:
-        check_output_file(path, args.force, _curve_inputs(args))
-    if args.png is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ValueError('--png needs matplotlib: pip install matplotlib, or leave out --png.') from None
-    return outputs
-
-
-def run_exit_curve(args: argparse.Namespace) -> int:
-    """Progress and warnings go to stderr, one line each; stdout holds only the table or the JSON document."""
-    from timm_sila.measure.evaluate import _data_config, _load_model
-    if args.calib_split == args.split:
-        raise ValueError('--calib-split must differ from --split: thresholds are never chosen on the test data.')
-    if args.calib_limit is not None and args.calib_limit < 1:
-        raise ValueError(f'--calib-limit must be >= 1, got {args.calib_limit}.')
-    if not math.isfinite(args.max_drop) or args.max_drop < 0:
-        raise ValueError(f'--max-drop must be a finite number >= 0, got {args.max_drop}.')
-    for split in (args.split, args.calib_split):
-        if not (Path(args.data_dir) / split).is_dir():
-            raise FileNotFoundError(f'{Path(args.data_dir) / split} is not a folder (ImageFolder layout DIR/SPLIT/<class>/).')
-    outputs = _check_curve_outputs(args)  # before the slow part; the writers check again at the end
-    model, overrides = _load_model(args)
-    if not isinstance(model, SilaNet) or model.stripped:
-        raise ValueError('exit-curve needs a full SilaNet checkpoint (all branches); a stripped folder has one.')
-    data_config = _data_config(model, overrides, args.img_size)
-    calib = _loader(Path(args.data_dir) / args.calib_split, model, data_config, args.batch_size, args.calib_limit)
-    evaluation = _loader(Path(args.data_dir) / args.split, model, data_config, args.batch_size, None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        result = exit_curve(model, calib, evaluation, policy=args.policy, points=args.points, max_drop=args.max_drop,
-                            progress=True)
-    for w in caught:
-        print(f'timm-sila exit-curve: warning: {" ".join(str(w.message).split())}', file=sys.stderr)
-    for path in outputs:
-        check_output_file(path, args.force, _curve_inputs(args))
-    if args.png:
-        atomic_write_file(args.png, lambda tmp: plot_curve(result, tmp), overwrite=args.force,
-                          sources=_curve_inputs(args))
-        result['png'] = str(args.png)
-    if args.save:
-        chosen = next(r for r in result['rows'] if r['chosen'])
-        EarlyExit(model, thresholds=chosen['threshold'], policy=args.policy, temperatures=result['temperatures'],
-                  input_size=data_config['input_size']).save(args.save, overwrite=args.force)
-        result['saved'] = str(args.save)
-    print(json.dumps(result, indent=2) if args.json else format_curve(result))
-    return 0

@@ -231,10 +231,10 @@ class EarlyExit(nn.Module):
         configuration, written atomically (the previous file stays whole if the write fails). An existing `path`
         is replaced only with `overwrite` (else OutputExistsError, also for a file that appears while saving).
         Refuses (ValueError) a model built with arguments an EarlyExit file may not carry (see
-        `timm_sila.config.FILE_MODEL_KWARGS`), so that every saved file loads."""
+        `timm_sila.io.trust.FILE_MODEL_KWARGS`), so that every saved file loads."""
         from safetensors.torch import save_file
         from timm_sila.io.atomic import atomic_write_file, check_output_file
-        from timm_sila.config import UnsafeFileError, sanitize_file_model_kwargs
+        from timm_sila.io.trust import UnsafeFileError, sanitize_file_model_kwargs
         check_output_file(path, overwrite)
         model_args = dict(timm_model_args(self.model), **self.model.sila_args())
         model_args.pop('num_classes', None)
@@ -255,15 +255,16 @@ class EarlyExit(nn.Module):
         """Rebuild a saved EarlyExit (model in eval mode).
 
         The file may choose weights, never code, URLs, paths or downloads: its model arguments pass the allow-list
-        of `timm_sila.config.sanitize_file_model_kwargs`, the architecture must be a registered name, tensors must
+        of `timm_sila.io.trust.sanitize_file_model_kwargs`, the architecture must be a registered name, tensors must
         match the model (checked on the meta device before it is built; no silent dtype cast) and the exit
         configuration must be finite. The metadata JSON and every size in it are bounded (`timm_sila.config.
         FILE_LIMITS`). Anything else raises one `CheckpointError` (a ValueError) naming the file; loading performs no
         network access and writes nothing.
         """
         from timm_sila.io.checkpoint import build_checked, read_safetensors
-        from timm_sila.config import (CheckpointError, check_file_architecture, parse_file_json, sanitize_file_model_kwargs,
-                             sila_name)
+        from timm_sila.config import sila_name
+        from timm_sila.io.trust import (CheckpointError, check_file_architecture, parse_file_json,
+            sanitize_file_model_kwargs)
         tensors, metadata = read_safetensors(path)
         raw = metadata.get('timm_sila')
         if raw is None:

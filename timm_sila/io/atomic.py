@@ -37,7 +37,7 @@ Exceptions (all `OSError`s; `OutputError` is the one to catch; the CLI maps them
       OutputBusyError(OutputError, BlockingIOError)     another process is writing the same folder now
       SourceInOutputError(OutputError, ValueError)      the output is, contains or lies in an input of the call
       OutputWriteError(OutputError)                     the OS refused a write (`.errno`: ENOSPC, EACCES, EISDIR...)
-`e.message(option)` words a refusal for an interface with another name for overwrite (the CLI: '--force').
+`e.message(overwrite='--force')` words a refusal for an interface with another name for overwrite (the CLI).
 """
 import errno
 import functools
@@ -88,27 +88,28 @@ class OutputError(OSError):
         self.path = None if path is None else Path(path)
         self.errno = err
 
-    def message(self, option: str = 'overwrite=True') -> str:
-        """The message, naming the option that allows overwriting as `option` (e.g. '--force' in a CLI)."""
+    def message(self, overwrite: str = 'overwrite=True', **other_names: str) -> str:
+        """The message, naming the option that allows overwriting as `overwrite` (e.g. '--force' in a CLI); every
+        library error that names an API argument takes the interface's names this way, ignoring the others."""
         return str(self)
 
 
 class _Worded(OutputError):
-    """A refusal whose message names the overwrite option: `str(e)` is `e.message('overwrite=True')`."""
+    """A refusal whose message names the overwrite option: `str(e)` is `e.message()`, naming overwrite=True."""
 
     def __init__(self, path: PathLike, template: str, err: int = errno.EEXIST):
         self.template = template  # with an {option} field
         super().__init__(self.message(), path, err)
 
-    def message(self, option: str = 'overwrite=True') -> str:
-        return self.template.replace('{option}', option)
+    def message(self, overwrite: str = 'overwrite=True', **other_names: str) -> str:
+        return self.template.replace('{option}', overwrite)
 
 
 class OutputExistsError(_Worded, FileExistsError):
     """The output exists (a folder: is not empty), or appeared while writing, and overwriting was not asked for.
 
-    `.option` names the API argument that allows it ('overwrite'); `.message(option)` words the same message for
-    another interface, e.g. `e.message('--force')` in a CLI.
+    `.option` names the API argument that allows it ('overwrite'); `.message(overwrite=...)` words the same message
+    for another interface, e.g. `e.message(overwrite='--force')` in a CLI.
     """
 
 

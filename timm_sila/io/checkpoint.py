@@ -22,22 +22,25 @@ import torch
 import torch.nn as nn
 
 import timm
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as safetensors_load
 from timm.models import clean_state_dict
 
-from timm_sila.config import (
-    FILE_LIMITS, CheckpointError, UnsafeFileError, bound_violation, sanitize_file_data_config,
-    sanitize_file_model_kwargs, sila_kwargs, base_arch, is_sila_name, sila_name)
-from timm_sila.model import SilaNet
+from timm_sila._checks import first_line
+from timm_sila.config import base_arch, is_sila_name, sila_kwargs, sila_name
+from timm_sila.io.trust import (
+    FILE_LIMITS, CheckpointError, UnsafeFileError, bound_violation, check_file_model_name, sanitize_file_data_config,
+    sanitize_file_model_kwargs)
+from timm_sila.model import SilaNet, create_with_img_size
 from timm_sila._timm_compat import pretrained_form_args
 
-__all__ = ['CheckpointError', 'UnsafeFileError', 'Checkpoint', 'read_checkpoint', 'read_safetensors',
-           'load_silanet', 'load_state_dict_checked', 'build_checked', 'create_with_img_size']
+__all__ = ['Checkpoint', 'read_checkpoint', 'read_safetensors', 'is_sila_state_dict', 'load_silanet',
+           'load_state_dict_checked', 'build_checked', 'overridden_kwargs']
 
 # Where timm's load_state_dict looks for weights, in its order: the model's under 'state_dict' or 'model' (else the
 # file is the state_dict itself), the EMA copy's under 'state_dict_ema' or 'model_ema'.
 _WEIGHT_KEYS = ('state_dict', 'model')
 _EMA_KEYS = ('state_dict_ema', 'model_ema')
-_NAME_CHARS = frozenset('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-')
 # exceptions torch.load / safetensors raise on a truncated, corrupt or crafted file
 _READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
                 UnicodeDecodeError, OverflowError, MemoryError, RecursionError)
@@ -76,23 +79,6 @@ class Checkpoint:
                               f'own weights.')
 
 
-def create_with_img_size(name: str, img_size: Optional[int] = None, **kwargs) -> nn.Module:
-    """timm.create_model at input size `img_size`: passed as img_size= to models with a fixed input size (timm's
-    pretrained cfg `fixed_input_size`, e.g. ViTs); other models run at any size and are built as they are."""
-    if img_size is None or not timm.models.get_pretrained_cfg_value(name, 'fixed_input_size'):
-        return timm.create_model(name, **kwargs)
-    try:
-        return timm.create_model(name, img_size=img_size, **kwargs)
-    except TypeError as e:
-        raise ValueError(f'{name} has a fixed input size and no img_size argument, so it cannot be built for '
-                         f'{img_size}x{img_size}; leave the image size at its default.') from e
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
@@ -115,16 +101,14 @@ def _is_utf8(path: Path) -> bool:
 
 def _read_safetensors_bytes(data: bytes) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """safetensors from memory (its file API takes UTF-8 paths only)."""
-    from safetensors.torch import load
     header = json.loads(data[8:8 + int.from_bytes(data[:8], 'little')])
     metadata = header.get('__metadata__') if isinstance(header, dict) else None
-    return load(data), dict(metadata or {})
+    return safetensors_load(data), dict(metadata or {})
 
 
 def read_safetensors(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """(tensors on CPU, header metadata or {}) of a .safetensors file; any failure to parse is a CheckpointError
     naming the file."""
-    from safetensors import SafetensorError, safe_open
     path = Path(path)
     _check_file(path, 'File')
     try:
@@ -137,7 +121,7 @@ def read_safetensors(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], D
         raise
     except (SafetensorError,) + _READ_ERRORS as e:
         raise CheckpointError(f'Cannot read {path}: it is not a valid safetensors file (truncated or corrupt?): '
-                              f'{_first_line(e)}') from e
+                              f'{first_line(e)}') from e
     return tensors, metadata
 
 
@@ -152,7 +136,7 @@ def _check_zip_expansion(path: Path) -> None:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
         if isinstance(e, PermissionError):
             raise
-        raise CheckpointError(f'Cannot read {path}: the file is truncated or corrupt ({_first_line(e)}).') from e
+        raise CheckpointError(f'Cannot read {path}: the file is truncated or corrupt ({first_line(e)}).') from e
     compressed = [e for e in entries if e.compress_type != zipfile.ZIP_STORED]
     expanded = sum(e.file_size for e in compressed)
     if compressed and expanded > bound.hi * size + (1 << 20):
@@ -174,7 +158,7 @@ def _read_raw(path: Path) -> Any:
             return read_safetensors(path)[0]
         except CheckpointError as e:
             raise CheckpointError(f'Cannot read {path}: it is neither a torch checkpoint nor a valid safetensors '
-                                  f'file (truncated or corrupt?): {_first_line(e.__cause__ or e)}') from e
+                                  f'file (truncated or corrupt?): {first_line(e.__cause__ or e)}') from e
     if magic.startswith(b'PK\x03\x04'):
         _check_zip_expansion(path)
     try:
@@ -183,12 +167,12 @@ def _read_raw(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f'Refusing to load {path}: it contains Python objects other than tensors, containers and '
-            f'argparse.Namespace, and is read with weights_only=True for safety ({_first_line(e)}). '
+            f'argparse.Namespace, and is read with weights_only=True for safety ({first_line(e)}). '
             f'Re-save just its state_dict.') from e
     except PermissionError:
         raise
     except _READ_ERRORS as e:
-        raise CheckpointError(f'Cannot read {path}: the file is truncated or corrupt ({_first_line(e)}).') from e
+        raise CheckpointError(f'Cannot read {path}: the file is truncated or corrupt ({first_line(e)}).') from e
 
 
 def _getter(args: Any):
@@ -225,16 +209,6 @@ def _args_to_kwargs(args: Any, source: str, overridden: Iterable[str]) -> Tuple[
     return kwargs, {k: origins[k] for k in kwargs}
 
 
-def _file_model_name(name: Any, path: Path) -> Optional[str]:
-    """A model name recorded in a checkpoint: a plain timm name, never a hub or local source."""
-    if name is None:
-        return None
-    if not isinstance(name, str) or not name or not set(name) <= _NAME_CHARS:
-        raise UnsafeFileError(f'{path} names its model {name!r}, which is not a timm model name (a file may not '
-                              f'name a hub or local source); pass the model name yourself.', 'model', str(path))
-    return name
-
-
 def _read_args(ckpt: Checkpoint, raw: Dict[str, Any], overridden: Iterable[str]) -> None:
     """What the file's `args` (argparse.Namespace or dict, in any layout) and `arch` say about its model.
 
@@ -244,9 +218,10 @@ def _read_args(ckpt: Checkpoint, raw: Dict[str, Any], overridden: Iterable[str])
     path = ckpt.path
     args = raw.get('args')
     get = _getter(args)
-    name = _file_model_name(get('model'), path)
+    name = None if get('model') is None else check_file_model_name(get('model'), path, 'model')
     arch = raw.get('arch')
-    ckpt.model_name = name if name is not None else (_file_model_name(arch, path) if isinstance(arch, str) else None)
+    ckpt.model_name = name if name is not None else (
+        check_file_model_name(arch, path, 'arch') if isinstance(arch, str) else None)
     if args is None:
         return
     source = f'{path} (its args)'
@@ -297,11 +272,14 @@ def read_checkpoint(path: Union[str, Path], overridden: Iterable[str] = ()) -> C
     return ckpt
 
 
+def is_sila_state_dict(state_dict: Dict[str, Any]) -> bool:
+    """Whether a state_dict is a SilaNet's: it has base.* (the timm model) and heads.* (auxiliary heads) keys."""
+    return any(k.startswith('base.') for k in state_dict) and any(k.startswith('heads.') for k in state_dict)
+
+
 def _check_sila_keys(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
-    keys = list(state_dict)
-    has_base = any(k.startswith('base.') for k in keys)
-    has_heads = any(k.startswith('heads.') for k in keys)
-    if not (has_base and has_heads):
+    if not is_sila_state_dict(state_dict):
+        keys = list(state_dict)
         raise CheckpointError(
             f'{path} is not a SilaNet checkpoint: its keys ({", ".join(keys[:3])}, ...) are those of a plain model, '
             f'while a SilaNet state_dict has base.* and heads.* keys. Train with a sila_<arch> model; a plain timm '
@@ -374,7 +352,7 @@ def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, Any], source
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f'Cannot load the weights in {source}: {_first_line(e)}') from e
+        raise CheckpointError(f'Cannot load the weights in {source}: {first_line(e)}') from e
     return model
 
 
@@ -446,14 +424,6 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + '...'
 
 
-def _create(name: str, img_size: Optional[int], kwargs: Dict[str, Any]) -> nn.Module:
-    """timm.create_model: a file's img_size in kwargs goes to create_model as it is; otherwise `img_size` as
-    create_with_img_size passes it (to models with a fixed input size)."""
-    if 'img_size' in kwargs:
-        return timm.create_model(name, **kwargs)
-    return create_with_img_size(name, img_size, **kwargs)
-
-
 def build_checked(name: str, kwargs: Dict[str, Any], state_dict: Dict[str, Any], source: Any, *,
                   img_size: Optional[int] = None, origins: Optional[Dict[str, str]] = None, what: str = '',
                   hint: str = '') -> nn.Module:
@@ -464,7 +434,7 @@ def build_checked(name: str, kwargs: Dict[str, Any], state_dict: Dict[str, Any],
        compared with the file's tensors: a disagreement raises one CheckpointError within milliseconds, naming the
        argument behind it where it can (`origins` maps a kwarg to where it was set, e.g. 'args.num_classes');
     2. where timm cannot build the model on the meta device (its construction computes on tensors) it is built
-       for real, but only when every kwarg is within `timm_sila.config.FILE_LIMITS`;
+       for real, but only when every kwarg is within `timm_sila.io.trust.FILE_LIMITS`;
     3. the real model is built and `state_dict` loaded strictly (`load_state_dict_checked`).
     Any exception timm raises while building (KeyError for an unknown layer name, AssertionError for an output
     stride it does not support, ...) becomes one CheckpointError naming the file and the arguments. `img_size`:
@@ -474,7 +444,7 @@ def build_checked(name: str, kwargs: Dict[str, Any], state_dict: Dict[str, Any],
     shown = {k: v for k, v in kwargs.items() if k not in ('sila_branch', 'sila_stripped')}
     try:
         with torch.device('meta'):
-            skeleton = _create(name, img_size, kwargs)
+            skeleton = create_with_img_size(name, img_size, **kwargs)
     except Exception:  # noqa: BLE001 -- the real build below says what is wrong, or it was the meta device
         skeleton = None
     if skeleton is None:
@@ -494,15 +464,15 @@ def build_checked(name: str, kwargs: Dict[str, Any], state_dict: Dict[str, Any],
             raise CheckpointError(f'{source}: {detail}, so the model was not built.' + (f' {hint}' if hint else ''))
         del skeleton
     try:
-        model = _create(name, img_size, kwargs)
+        model = create_with_img_size(name, img_size, **kwargs)
     except Exception as e:  # noqa: BLE001 -- whatever timm raises on values read from a file is one line
         given = ', '.join(f'{origins.get(k, k)}={_short(v)}' for k, v in shown.items())
         raise CheckpointError(f'Cannot build {name} with the arguments of {source} ({given}): '
-                              f'{type(e).__name__}: {_first_line(e)}') from e
+                              f'{type(e).__name__}: {first_line(e)}') from e
     return load_state_dict_checked(model, state_dict, source, what=what or f'{name}({shown})', hint=hint)
 
 
-def _overridden(model_kwargs: Dict[str, Any], **explicit: Any) -> List[str]:
+def overridden_kwargs(model_kwargs: Dict[str, Any], **explicit: Any) -> List[str]:
     """The create_model kwargs the caller sets itself: the file's values of these are never used."""
     return list(model_kwargs) + [k for k, v in explicit.items() if v is not None]
 
@@ -529,7 +499,7 @@ def load_silanet(
     if isinstance(source, Checkpoint):
         ckpt = source
     else:
-        ckpt = read_checkpoint(source, _overridden(model_kwargs, num_classes=num_classes, sila_sets=sets,
+        ckpt = read_checkpoint(source, overridden_kwargs(model_kwargs, num_classes=num_classes, sila_sets=sets,
                                                    sila_taps=taps, sila_head=head, img_size=img_size))
     state_dict = ckpt.weights(ema)
     _check_sila_keys(state_dict, ckpt.path)

@@ -1,4 +1,4 @@
-"""The Sila loss (paper Eq. 4, Fig. 1): one softmax over all M·N logits, weighted CE per label set.
+"""The Sila loss as functions (paper Eq. 4, Fig. 1): one softmax over all M·N logits, weighted CE per label set.
 
 Every option of torch's cross-entropy (`weight`, `ignore_index`, `reduction`, `label_smoothing`) keeps its exact
 torch meaning: the Sila loss is torch's cross-entropy formula with `log_softmax(input)` replaced by the folded
@@ -9,10 +9,11 @@ import numbers
 from typing import List, Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['SilaLoss', 'sila_set_weights', 'sila_log_probs', 'sila_cross_entropy']
+from timm_sila.config import check_set_weights
+
+__all__ = ['sila_set_weights', 'sila_log_probs', 'sila_cross_entropy']
 
 _REDUCTIONS = ('mean', 'sum', 'none')
 
@@ -30,27 +31,21 @@ def _finite(name: str, value) -> float:
     return value
 
 
-def _check_hparams(beta: float, decay: float) -> None:
-    beta, decay = _finite('Sila beta', beta), _finite('Sila decay (lambda)', decay)
-    if beta < 0 or decay < 0:
-        raise ValueError(f'Sila loss needs beta >= 0 and decay >= 0, got beta={beta}, decay={decay}.')
-
-
-def _check_smoothing(smoothing: float) -> float:
+def check_smoothing(smoothing: float) -> float:
     smoothing = _finite('smoothing', smoothing)
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f'smoothing must be in [0, 1), got {smoothing}.')
     return smoothing
 
 
-def _check_options(reduction: str, ignore_index: int) -> None:
+def check_options(reduction: str, ignore_index: int) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f'ignore_index must be an integer class index (torch default -100), got {ignore_index!r}.')
 
 
-def _check_weight(weight: Optional[torch.Tensor], num_classes: int) -> None:
+def check_weight(weight: Optional[torch.Tensor], num_classes: int) -> None:
     if weight is None:
         return
     if not torch.is_tensor(weight) or not weight.is_floating_point() or tuple(weight.shape) != (num_classes,):
@@ -77,7 +72,7 @@ def _num_sets(width: int, num_classes: int) -> int:
 
 def sila_set_weights(sets: int, beta: float, decay: float) -> List[float]:
     """Weight of each label set: [1, β, β·λ, β·λ², ...] (length `sets`)."""
-    _check_hparams(beta, decay)
+    beta, decay = check_set_weights(beta, decay)
     return [1.0] + [beta * decay ** (j - 1) for j in range(1, sets)]
 
 
@@ -175,48 +170,9 @@ def sila_cross_entropy(
     whole Sila term of sample b is scaled by weight[target_b] and 'mean' divides by Σ_b weight[target_b].
     'mean' over no kept sample (empty batch, all ignored) is nan, as in torch.
     """
-    smoothing = _check_smoothing(smoothing)
-    _check_options(reduction, ignore_index)
-    _check_weight(weight, num_classes)
+    smoothing = check_smoothing(smoothing)
+    check_options(reduction, ignore_index)
+    check_weight(weight, num_classes)
     folded = sila_log_probs(logits, num_classes, beta, decay)
     _check_target(target, folded.shape[0], num_classes, ignore_index)
     return _cross_entropy_of_log_probs(folded, target, weight, int(ignore_index), reduction, smoothing)
-
-
-class SilaLoss(nn.Module):
-    """Sila loss (paper Eq. 4): CE(t) + Σ_{j=1}^{M-1} β·decay^(j-1)·CE(t + j·N) under one softmax over M·N.
-
-    Input: logits (B, M·N) ordered [set 0 | set 1 | ... | set M-1]; M = width // num_classes.
-    Target: (B,) class indices in [0, N) or (B, N) probabilities (Mixup/CutMix). `weight`, `ignore_index` and
-    `reduction` as in nn.CrossEntropyLoss (see `sila_cross_entropy`); by default the batch mean.
-    """
-
-    def __init__(self, num_classes: int, beta: float = 0.1, decay: float = 0.5, smoothing: float = 0.0,
-                 ignore_index: int = -100, weight: Optional[torch.Tensor] = None, reduction: str = 'mean'):
-        super().__init__()
-        _check_hparams(beta, decay)
-        self.smoothing = _check_smoothing(smoothing)
-        _check_options(reduction, ignore_index)
-        _check_weight(weight, int(num_classes))
-        if weight is not None and not bool(torch.isfinite(weight).all()):
-            raise ValueError(f'weight must hold finite numbers, got {weight.tolist()}.')
-        self.num_classes = int(num_classes)
-        self.beta = float(beta)
-        self.decay = float(decay)
-        self.ignore_index = int(ignore_index)
-        self.reduction = reduction
-        self.register_buffer('weight', weight)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        from .logits import SilaLogits
-        if isinstance(logits, SilaLogits):
-            logits = logits.unwrap()
-        return sila_cross_entropy(logits, target, self.num_classes, self.beta, self.decay, self.smoothing,
-                                  reduction=self.reduction, weight=self.weight, ignore_index=self.ignore_index)
-
-    def extra_repr(self) -> str:
-        extra = ''.join([f', ignore_index={self.ignore_index}' if self.ignore_index != -100 else '',
-                         f", reduction='{self.reduction}'" if self.reduction != 'mean' else '',
-                         ', weighted' if self.weight is not None else ''])
-        return (f'num_classes={self.num_classes}, beta={self.beta}, decay={self.decay}, '
-                f'smoothing={self.smoothing}{extra}')

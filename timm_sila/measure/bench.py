@@ -18,16 +18,17 @@ import torch.nn as nn
 
 import timm
 
-from timm_sila.io.checkpoint import create_with_img_size
-from timm_sila.ship.export import _data_config, export, load_branch, load_checkpoint, require_onnx
+from timm_sila.config import sila_kwargs, sila_name
+from timm_sila.data.config import resolve_data_config
+from timm_sila.data.memory import check_batch_fits
+from timm_sila.model import SilaNet, create_with_img_size
+from timm_sila.ship.export import export, require_onnx
+from timm_sila.ship.load import load_branch, load_silanet_and_data_args
+from timm_sila.ship.strip import branch_model
 from .metrics import check_params, read_eval_metrics
-from timm_sila.config import sila_name
-from timm_sila.model import SilaNet
-from timm_sila.ship.strip import export_model
-from .sizes import MemoryBoundError, check_batch_fits, count_params, size_row
-from timm_sila._timm_compat import model_args
+from .sizes import count_params, size_row
 
-__all__ = ['bench_branches', 'format_bench', 'read_metrics', 'RUNTIMES']
+__all__ = ['bench_branches', 'RUNTIMES']
 
 RUNTIMES = ('torch', 'onnxruntime')
 
@@ -38,15 +39,9 @@ def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
     return value
 
 
-def _sila_kwargs(num_classes=None, sets=None, taps=None, head=None, **model_kwargs) -> Dict[str, Any]:
-    sila = dict(num_classes=num_classes, sila_sets=sets, sila_taps=list(taps) if taps else None, sila_head=head)
-    return dict(model_kwargs, **{k: v for k, v in sila.items() if v is not None})
-
-
 def _base_of(net: SilaNet) -> nn.Module:
     """A randomly initialised base architecture of a stripped SilaNet (for timing and parameter counts)."""
-    args = dict(model_args(net.base), num_classes=net.num_classes)
-    return timm.create_model(net.arch, **args).eval()
+    return timm.create_model(net.arch, **net.base_args()).eval()
 
 
 def _models(source: Union[str, Path, nn.Module], img_size: Optional[int], load_kwargs: Dict[str, Any]
@@ -56,15 +51,17 @@ def _models(source: Union[str, Path, nn.Module], img_size: Optional[int], load_k
         name = sila_name(source)
         if load_kwargs.get('model') or load_kwargs.get('ema'):
             raise ValueError(f'model= / ema= apply to checkpoint files; {source} is a model name (random weights).')
-        load_kwargs = {k: v for k, v in load_kwargs.items() if k not in ('model', 'ema')}
-        net = create_with_img_size(name, img_size, **_sila_kwargs(**load_kwargs)).eval()
+        kwargs = {k: v for k, v in load_kwargs.items() if k not in ('model', 'ema', 'sets', 'taps', 'head')}
+        settings = sila_kwargs(sets=load_kwargs.get('sets'), taps=load_kwargs.get('taps') or None,
+                               head=load_kwargs.get('head'))
+        net = create_with_img_size(name, img_size, **kwargs, **settings).eval()
         return _all_branches(net, 'random'), {}, f'{name} (random weights)'
     if isinstance(source, SilaNet) and not source.stripped:
         if load_kwargs:
             raise ValueError(f'{sorted(load_kwargs)} only apply when source is a file, folder or model name.')
         return _all_branches(source.eval(), 'given'), {}, f'{source.arch} SilaNet'
     if isinstance(source, (str, Path)) and Path(source).is_file():
-        net, data_args = load_checkpoint(source, img_size, **load_kwargs)
+        net, data_args = load_silanet_and_data_args(source, img_size, **load_kwargs)
         return _all_branches(net, 'checkpoint'), data_args, str(source)
     model, branch, data_args = load_branch(source, None, img_size, **load_kwargs)
     rows = []
@@ -78,15 +75,15 @@ def _models(source: Union[str, Path, nn.Module], img_size: Optional[int], load_k
 
 
 def _all_branches(net: SilaNet, weights: str) -> List[Dict[str, Any]]:
-    rows = [dict(branch=0, exit='classifier', model=export_model(net, 0), weights=weights)]
+    rows = [dict(branch=0, exit='classifier', model=branch_model(net, 0), weights=weights)]
     for k in range(1, net.sets):
-        rows.append(dict(branch=k, exit=net.taps[k - 1], model=export_model(net, k), weights=weights))
+        rows.append(dict(branch=k, exit=net.taps[k - 1], model=branch_model(net, k), weights=weights))
     return rows
 
 
-def read_metrics(metrics: Union[str, Path, Dict[str, Any]]) -> Dict[int, Dict[str, float]]:
-    """{branch: {'top1': .., 'top5': .., 'params': ..}} from a `timm-sila eval --json` result (file or dict),
-    range-checked by `timm_sila.metrics.read_eval_metrics` (MetricsError, a ValueError, naming the value)."""
+def _accuracy_of(metrics: Union[str, Path, Dict[str, Any]]) -> Dict[int, Dict[str, float]]:
+    """{branch: {'top1': .., 'top5': .., 'params': ..}} of a `timm-sila eval --json` result (file or dict), read and
+    range-checked by `read_eval_metrics` (MetricsError, a ValueError, naming the value)."""
     rows = read_eval_metrics(metrics)['branches']
     return {b: {k: v for k, v in row.items() if k in ('top1', 'top5', 'params')} for b, row in rows.items()}
 
@@ -135,7 +132,7 @@ def bench_branches(
     (random weights; `load_kwargs` num_classes=, sets=, taps=, head=, model kwargs). `runtime='onnxruntime'`
     exports each model to ONNX first (parity-checked) and times onnxruntime CPU sessions. `threads`: intra-op
     threads (default: torch's current setting). `metrics`: a `timm-sila eval --json` result adding top-1/top-5.
-    A batch that cannot fit in memory (`timm_sila.sizes.check_batch_fits`) is a MemoryBoundError (ValueError).
+    A batch that cannot fit in memory (`timm_sila.data.memory.check_batch_fits`) is a MemoryBoundError (ValueError).
     Returns dict(source, runtime, device, threads, batch_size, input_size, warmup, repeats, rows=[{branch, exit,
     weights, params, size_mb, cr, latency_ms, latency_ms_iqr, images_per_s, speedup, top1?, top5?}]).
     """
@@ -153,7 +150,7 @@ def bench_branches(
     checked = read_eval_metrics(metrics) if metrics is not None else None
     accuracy = checked['branches'] if checked is not None else {}
     rows, data_args, described = _models(source, img_size, load_kwargs)
-    cfg = _data_config(rows[-1]['model'], data_args, img_size)
+    cfg = resolve_data_config(rows[-1]['model'], data_args, img_size)
     input_size = list(cfg['input_size'])
     check_batch_fits(batch_size, input_size, rows[0]['model'])  # the base: the largest activations
     if runtime == 'torch' and device.type != 'cpu':
@@ -208,46 +205,3 @@ def _time_side_by_side(runners: List[Callable], x: torch.Tensor, warmup: int, re
             runners[j](x)
             times[j].append(time.perf_counter() - start)
     return times
-
-
-def format_bench(result: Dict[str, Any]) -> str:
-    """The benchmark as a table (one row per model, branch 0 = the base), with a header line of the setup."""
-    has_acc = any('top1' in r for r in result['rows'])
-    head = ['branch', 'exit', 'params', 'MB', 'CR'] + (['top1'] if has_acc else []) + [
-        'latency ms', 'images/s', 'speed-up']
-    lines = []
-    for r in result['rows']:
-        label = f"{r['branch']}{' (base)' if r['branch'] == 0 else ''}{' *' if r['weights'] == 'random' else ''}"
-        acc = [f"{r['top1']:.2f}" if 'top1' in r else '-'] if has_acc else []
-        lines.append([label, str(r['exit']), f"{r['params']:,}", f"{r['size_mb']:.2f}", f"{100 * r['cr']:.2f}%"]
-                     + acc + [f"{r['latency_ms']:.2f} ± {r['latency_ms_iqr'] / 2:.2f}", f"{r['images_per_s']:,.0f}" if r['images_per_s'] >= 100 else f"{r['images_per_s']:.3g}",
-                              f"{r['speedup']:.2f}x"])
-    widths = [max(len(h), *(len(r[j]) for r in lines)) for j, h in enumerate(head)]
-    fmt = lambda r: '  '.join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
-    out = [f"{result['source']}: {result['runtime']} on {result['device']}, {result['threads']} thread(s), batch "
-           f"{result['batch_size']} x {tuple(result['input_size'])}, median of {result['repeats']} rounds after "
-           f"{result['warmup']} warm-up, models alternating",
-           fmt(head), fmt(['-' * w for w in widths])] + [fmt(r) for r in lines]
-    notes = ['latency = median time per batch (± half the interquartile range); CR = 1 - params/params(base); '
-             'MB = fp32 params / 2**20']
-    if any(r['weights'] == 'random' for r in result['rows']):
-        notes.append('* random weights (speed and size only)')
-    return '\n'.join(out + notes)
-
-
-# --- CLI: timm-sila bench (parser: timm_sila_cli) ---------------------------------------------------------------
-def run_bench(args: Any) -> int:
-    """`timm-sila bench`: prints the per-branch speed table (or JSON)."""
-    from timm_sila.cli import print_json
-    from timm_sila.ship.export import cli_load_kwargs
-    try:
-        result = bench_branches(args.source, img_size=args.img_size, batch_size=args.batch_size, threads=args.threads,
-                                runtime=args.runtime, warmup=args.warmup, repeats=args.repeats, metrics=args.metrics,
-                                device=args.device, **cli_load_kwargs(args))
-    except MemoryBoundError as e:  # the API's message names batch_size / img_size; the CLI's flags differ
-        raise ValueError(e.message('--batch-size', '--img-size')) from e
-    if args.json:
-        print_json(result)
-    else:
-        print(format_bench(result))
-    return 0

@@ -10,81 +10,25 @@
     ensemble      None, or a row of the same accuracies and loss
     split         a string (shown only where the consumer accepts it)
 
-A file is read with `read_json_file`: a regular file of at most `MAX_METRICS_BYTES`, UTF-8 JSON nested at most
-`MAX_JSON_DEPTH` deep (checked before parsing: deeply nested JSON would exhaust Python's recursion), opened
-without blocking (a FIFO is refused, not waited on). Every failure is a `MetricsError` (a ValueError) naming the
-file and the value.
+A file is read with `timm_sila.io.trust.read_file_json` (a regular file, opened without blocking, JSON within the
+size and nesting bounds of `FILE_LIMITS`). Every failure is a `MetricsError` (a ValueError) naming the file and the
+value.
 """
-import json
 import math
 import numbers
-import os
-import re
-import stat
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-__all__ = ['MetricsError', 'read_eval_metrics', 'read_json_file', 'check_params', 'MAX_METRICS_BYTES',
-           'MAX_JSON_DEPTH', 'ACCURACY_KEYS']
+from timm_sila import _checks as checks
+from timm_sila.io.trust import read_file_json
 
-MAX_METRICS_BYTES = 1 << 20  # an eval result is about 1 KB per branch
-MAX_JSON_DEPTH = 16  # an eval result nests 3 deep (document, branches list, row)
+__all__ = ['MetricsError', 'read_eval_metrics', 'check_params', 'ACCURACY_KEYS']
+
 ACCURACY_KEYS = ('top1', 'top2', 'top3', 'top4', 'top5')
-
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKET = re.compile(r'[\[\]{}]')
 
 
 class MetricsError(ValueError):
     """A metrics file or value that is not a `timm-sila eval --json` result, or holds a value out of range."""
-
-
-def _depth(text: str) -> int:
-    """Deepest nesting of [ ] / { } in JSON `text`, brackets inside strings not counted."""
-    depth = deepest = 0
-    for m in _BRACKET.finditer(_STRING.sub('""', text)):
-        depth += 1 if m.group() in '[{' else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
-def read_json_file(path: Union[str, Path], what: str = 'JSON file', max_bytes: int = MAX_METRICS_BYTES,
-                   max_depth: int = MAX_JSON_DEPTH, hint: str = '') -> Any:
-    """The JSON document in the regular file `path`, at most `max_bytes` long and nested at most `max_depth` deep;
-    ValueError (MetricsError) naming the file otherwise, OSError from the system (missing, permission denied)."""
-    path = Path(path)
-    hint = f' {hint}' if hint else ''
-    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_CLOEXEC', 0))
-    with os.fdopen(fd, 'rb') as f:
-        st = os.fstat(f.fileno())
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(f'{what} {path} is a folder; pass the file.')
-        if not stat.S_ISREG(st.st_mode):
-            raise MetricsError(f'{what} {path} is not a regular file (a FIFO, socket or device); pass a file.')
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise MetricsError(f'{what} {path} is larger than {max_bytes:,} bytes, more than such a file holds.{hint}')
-    try:
-        text = data.decode('utf-8')
-    except UnicodeDecodeError as e:
-        raise MetricsError(f'{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}).{hint}') from None
-    depth = _depth(text)
-    if depth > max_depth:
-        raise MetricsError(f'{what} {path} nests {depth} levels deep, more than the {max_depth} such a file '
-                           f'needs.{hint}')
-    try:
-        return json.loads(text)
-    except ValueError as e:  # JSONDecodeError, and integers longer than Python converts
-        raise MetricsError(f'{what} {path} is not valid JSON ({" ".join(str(e).split())[:120]}).{hint}') from None
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + '...'
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _number(value: Any) -> Optional[float]:
@@ -100,14 +44,14 @@ def _number(value: Any) -> Optional[float]:
 
 def _row(row: Any, source: str, where: str, with_params: bool) -> Dict[str, Any]:
     if not isinstance(row, dict):
-        raise MetricsError(f'{source}: {where} is {_short(row)}, not a row of metrics.')
+        raise MetricsError(f'{source}: {where} is {checks.short(row)}, not a row of metrics.')
     out: Dict[str, Any] = {}
     for key in ACCURACY_KEYS:
         if row.get(key) is None:
             continue
         value = _number(row[key])
         if value is None or not 0.0 <= value <= 100.0:
-            raise MetricsError(f'{source}: {where} has {key} = {_short(row[key])}; an accuracy is a finite '
+            raise MetricsError(f'{source}: {where} has {key} = {checks.short(row[key])}; an accuracy is a finite '
                                f'percentage in [0, 100]. Pass the output of `timm-sila eval --json`.')
         out[key] = value
     if 'top1' not in out:
@@ -120,13 +64,13 @@ def _row(row: Any, source: str, where: str, with_params: bool) -> Dict[str, Any]
     if row.get('loss') is not None:
         loss = _number(row['loss'])
         if loss is None or loss < 0:
-            raise MetricsError(f'{source}: {where} has loss = {_short(row["loss"])}; a cross-entropy is a finite '
+            raise MetricsError(f'{source}: {where} has loss = {checks.short(row["loss"])}; a cross-entropy is a finite '
                                f'number >= 0.')
         out['loss'] = loss
     if with_params and row.get('params') is not None:
         params = row['params']
-        if not _is_int(params) or params < 0:
-            raise MetricsError(f'{source}: {where} has params = {_short(params)}; a parameter count is an integer '
+        if not checks.is_int(params) or params < 0:
+            raise MetricsError(f'{source}: {where} has params = {checks.short(params)}; a parameter count is an integer '
                                f'>= 0.')
         out['params'] = int(params)
     return out
@@ -140,21 +84,22 @@ def read_eval_metrics(metrics: Union[str, Path, Dict[str, Any]]) -> Dict[str, An
         source = 'metrics'
     else:
         source = str(metrics)
-        metrics = read_json_file(metrics, 'Metrics file', hint='Pass the output of `timm-sila eval --json`.')
+        metrics = read_file_json(metrics, 'the metrics file', error=MetricsError,
+                                 hint='Pass the output of `timm-sila eval --json`.')
     if not isinstance(metrics, dict):
         raise MetricsError(f'{source} is not a `timm-sila eval --json` result (a JSON object).')
     rows = metrics.get('branches')
     if not isinstance(rows, list) or not rows:
         raise MetricsError(f'{source} has no "branches" list; pass the output of `timm-sila eval --json`.')
     n = metrics.get('num_samples')
-    if not _is_int(n) or n < 1:
-        raise MetricsError(f'{source} has num_samples = {_short(n)}; the images evaluated are an integer >= 1. Pass '
+    if not checks.is_int(n) or n < 1:
+        raise MetricsError(f'{source} has num_samples = {checks.short(n)}; the images evaluated are an integer >= 1. Pass '
                            f'the output of `timm-sila eval --json`.')
     branches: Dict[int, Dict[str, Any]] = {}
     for i, row in enumerate(rows):
         branch = row.get('branch') if isinstance(row, dict) else None
-        if not _is_int(branch) or branch < 0:
-            raise MetricsError(f'{source}: branches[{i}] needs an integer "branch" >= 0, got {_short(branch)}.')
+        if not checks.is_int(branch) or branch < 0:
+            raise MetricsError(f'{source}: branches[{i}] needs an integer "branch" >= 0, got {checks.short(branch)}.')
         if branch in branches:
             raise MetricsError(f'{source} holds branch {branch} twice; pass the output of one `timm-sila eval` run.')
         branches[int(branch)] = _row(row, source, f'branch {branch}', with_params=True)

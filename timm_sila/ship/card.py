@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Union
 import torch.nn as nn
 
 from timm_sila.io.atomic import atomic_output_dir, check_output_dir
-from timm_sila.config import read_file_json, sanitize_file_data_config
+from timm_sila.io.trust import read_file_json, sanitize_file_data_config
 from timm_sila.measure.metrics import check_params, read_eval_metrics
 from timm_sila.measure.sizes import branch_sizes
 from timm_sila.model import SilaNet

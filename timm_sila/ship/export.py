@@ -12,7 +12,7 @@ the file and why. The written file is reloaded -- an onnxruntime CPU session, or
 seeded random batches of the example size and of 1 (the dynamic dimension at work), and with `dynamic_size` also at
 a second input size (`second_input_size`: 32 more rows, 64 more columns); the largest |logit difference| from the
 PyTorch model must be within tolerance, else `ExportParityError` and no file is left behind (the file is written
-beside `out` and renamed over it only once it passed, `timm_sila.atomic.atomic_write_file`).
+beside `out` and renamed over it only once it passed, `timm_sila.io.atomic.atomic_write_file`).
 
 Tolerance (fp32). By default max |delta| <= 1e-4 * max(1, max |logit|). ONNX Runtime and PyTorch sum convolutions,
 matmuls and reductions in different orders, so their fp32 results differ by rounding only: relative to
@@ -32,24 +32,23 @@ import io
 import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from timm_sila._checks import first_line
+from timm_sila.data.config import resolve_data_config
+from timm_sila.data.memory import check_batch_fits
 from timm_sila.io.atomic import atomic_write_file, check_output_file
-from timm_sila.io.checkpoint import _first_line, _overridden, create_with_img_size, load_silanet, read_checkpoint
-from timm_sila.config import base_arch, sila_name
 from timm_sila.model import SilaNet
-from .strip import CONFIG_NAME, WEIGHTS_NAME, export_model, load_stripped
-from timm_sila.measure.sizes import MemoryBoundError, check_batch_fits
+from .load import load_branch
+from .strip import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ['export', 'export_check', 'format_export', 'fixed_size_reason', 'second_input_size', 'load_branch',
-           'load_checkpoint', 'require_onnx', 'ExportError', 'ExportParityError', 'MissingExtraError', 'FORMATS',
-           'EXPORTERS', 'DEFAULT_RTOL', 'EXTRA_HINT']
+__all__ = ['export', 'fixed_size_reason', 'second_input_size', 'require_onnx', 'ExportError', 'ExportParityError',
+           'MissingExtraError', 'FORMATS', 'EXPORTERS', 'DEFAULT_RTOL', 'EXTRA_HINT']
 
 FORMATS = ('onnx', 'pt2')
 EXPORTERS = ('auto', 'dynamo', 'torchscript')  # ONNX; auto = dynamo, then torchscript if it fails
@@ -93,80 +92,6 @@ def require_onnx() -> Tuple[Any, Any]:
     import onnx
     import onnxruntime
     return onnx, onnxruntime
-
-
-# --- what to export ---------------------------------------------------------------------------------------------
-def _branch_of(model: nn.Module) -> int:
-    return model.branch if isinstance(model, SilaNet) else 0
-
-
-def _check_same_branch(model: nn.Module, branch: Optional[int], what: str) -> int:
-    have = _branch_of(model)
-    if branch is not None and branch != have:
-        raise ValueError(f'{what} holds branch {have} only; pass branch={have} (or none), or export from the '
-                         f'full SilaNet checkpoint to get branch {branch}.')
-    return have
-
-
-def load_branch(source: Union[str, Path, nn.Module], branch: Optional[int] = None, img_size: Optional[int] = None,
-                **load_kwargs) -> Tuple[nn.Module, int, Dict[str, Any]]:
-    """(eval-mode model of one branch, its branch index, data config args) for a strip folder, a SilaNet
-    checkpoint file, a SilaNet or any other nn.Module (branch 0).
-
-    Folder: `load_stripped(dir, **load_kwargs)`, its one branch. Checkpoint: `load_silanet(path, **load_kwargs)`
-    (model=, num_classes=, sets=, taps=, head=, ema=, model kwargs), then `export_model(net, branch)`; `branch`
-    is required. The data config args (input size, mean, std) are the file's, range-checked.
-    """
-    if isinstance(source, SilaNet):
-        if load_kwargs:
-            raise ValueError(f'{sorted(load_kwargs)} only apply when source is a file or folder.')
-        if source.stripped:
-            return source.eval(), _check_same_branch(source, branch, 'This stripped SilaNet'), {}
-        if branch is None:
-            raise ValueError(f'Pass the branch to export: an integer in [0, {source.sets - 1}] (0 = the base).')
-        return export_model(source, branch), branch, {}
-    if isinstance(source, nn.Module):
-        if load_kwargs:
-            raise ValueError(f'{sorted(load_kwargs)} only apply when source is a file or folder.')
-        return source.eval(), _check_same_branch(source, branch, f'This {type(source).__name__}'), {}
-    if not isinstance(source, (str, Path)):
-        raise ValueError(f'source must be a strip output folder, a SilaNet checkpoint file or an nn.Module, got '
-                         f'{type(source).__name__}.')
-    path = Path(source)
-    if path.is_dir():
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f'{path} has no {CONFIG_NAME}: pass a folder written by `timm-sila strip` or a '
-                                    f'checkpoint file.')
-        model = load_stripped(path, **load_kwargs)
-        return model, _check_same_branch(model, branch, f'The folder {path}'), {}
-    if not path.exists():
-        raise FileNotFoundError(f'{path} does not exist: pass a strip output folder or a SilaNet checkpoint file.')
-    net, data_args = load_checkpoint(path, img_size, **load_kwargs)
-    if branch is None:
-        raise ValueError(f'{path} holds every branch of a SilaNet; pass the branch to export, an integer in '
-                         f'[0, {net.sets - 1}] (0 = the base model).')
-    return export_model(net, branch), branch, data_args
-
-
-def load_checkpoint(path: Union[str, Path], img_size: Optional[int] = None, **load_kwargs
-                    ) -> Tuple[SilaNet, Dict[str, Any]]:
-    """(full SilaNet, the file's data config args) of a checkpoint; `load_kwargs` as `load_silanet` takes them."""
-    kwargs = dict(load_kwargs)
-    ema = bool(kwargs.pop('ema', False))
-    names = {k: kwargs.pop(k) for k in ('model', 'num_classes', 'sets', 'taps', 'head') if k in kwargs}
-    ckpt = read_checkpoint(path, _overridden(kwargs, num_classes=names.get('num_classes'),
-                                             sila_sets=names.get('sets'), sila_taps=names.get('taps'),
-                                             sila_head=names.get('head'), img_size=img_size))
-    return load_silanet(ckpt, ema=ema, img_size=img_size, **names, **kwargs), dict(ckpt.data_config)
-
-
-def _data_config(model: nn.Module, data_args: Dict[str, Any], img_size: Optional[int]) -> Dict[str, Any]:
-    """timm's data config of `model` (input size, mean, std, ...), the file's args and `img_size` taking precedence."""
-    from timm.data import resolve_data_config
-    args = dict(data_args)
-    if img_size is not None:
-        args.update(input_size=None, img_size=int(img_size))
-    return resolve_data_config(args, model=model)
 
 
 def _architecture(model: nn.Module) -> str:
@@ -327,7 +252,7 @@ def _reference(model: nn.Module, x: torch.Tensor, what: str, hint: str = 'pass t
             y = model(x)
     except Exception as e:
         raise ValueError(f'{what} does not run on an input of shape {tuple(x.shape)}: {type(e).__name__}: '
-                         f'{_first_line(e)}; {hint}.') from e
+                         f'{first_line(e)}; {hint}.') from e
     if not isinstance(y, torch.Tensor) or y.dim() != 2:
         raise ValueError(f'{what} returns {type(y).__name__}{"" if not isinstance(y, torch.Tensor) else tuple(y.shape)}'
                          f'; export needs a model returning (batch, classes) logits.')
@@ -401,7 +326,7 @@ def export(
     Raises ExportError (torch cannot export), ExportParityError (the file fails to run or max |delta| > tolerance;
     with 'auto', whichever the last exporter met, its message naming both exporters' causes), MissingExtraError
     (ONNX without the extra), MemoryBoundError (the example batches cannot fit in memory: see
-    `timm_sila.sizes.check_batch_fits`); in each case `out` is left as it was.
+    `timm_sila.data.memory.check_batch_fits`); in each case `out` is left as it was.
     Report: format, out, branch, architecture, input_size, mean, std, opset, exporter, exporter_reason,
     dynamic_axes, input_sizes, batch_sizes, max_abs_diff (and per batch size, and per input shape), max_abs_logit,
     tolerance, bytes, runtime.
@@ -427,7 +352,7 @@ def export(
     out = _check_out(out, format, overwrite, source)
 
     model, branch, data_args = load_branch(source, branch, img_size, **load_kwargs)
-    cfg = _data_config(model, data_args, img_size)
+    cfg = resolve_data_config(model, data_args, img_size)
     arch = _architecture(model)
     what = f'{arch} branch {branch}'
     chans, height, width = cfg['input_size']
@@ -459,7 +384,7 @@ def export(
             except Exception as e:
                 raise ExportParityError(
                     f'The {tried} file of {what} fails to run on a batch of {x.shape[0]} at {_size(x)}: '
-                    f'{type(e).__name__}: {_first_line(e)}',
+                    f'{type(e).__name__}: {first_line(e)}',
                     f'the file fails to run on a batch of {x.shape[0]} at {_size(x)}: {_error_line(e)}') from e
         worst = max(diffs.values())
         if not worst <= tolerance:
@@ -546,80 +471,3 @@ def export(
                 max_abs_diff=max(diffs.values()), max_abs_diff_per_batch=per_batch,
                 max_abs_diff_per_input={f'{n}x{chans}x{h}x{w}': d for (n, h, w), d in sorted(diffs.items())},
                 max_abs_logit=largest, tolerance=tolerance, bytes=out.stat().st_size, runtime=runtime)
-
-
-_EXPORTER_NAMES = {'dynamo': "torch.onnx's dynamo exporter", 'torchscript': "torch.onnx's TorchScript exporter",
-                   'torch.export': 'torch.export'}
-
-
-def format_export(report: Dict[str, Any]) -> str:
-    """Two lines for the CLI: what was written (by which exporter, and why) and its verification."""
-    fmt = report['format'] + (f' (opset {report["opset"]})' if report['opset'] else '')
-    by = _EXPORTER_NAMES.get(report.get('exporter'), report.get('exporter'))
-    if report.get('exporter_reason'):
-        by += f' ({report["exporter_reason"]})'
-    axes = report.get('dynamic_axes', ['batch'])
-    dynamic = 'batch dimension dynamic' if axes == ['batch'] else f'{", ".join(axes[:-1])} and {axes[-1]} dynamic'
-    sizes = ' and '.join('x'.join(map(str, s)) for s in report.get('input_sizes', [report['input_size'][1:]]))
-    return (f'wrote {report["out"]} ({report["bytes"]:,} bytes): {report["architecture"]} branch '
-            f'{report["branch"]} as {fmt} by {by}, input (batch, {", ".join(map(str, report["input_size"]))}), '
-            f'{dynamic}\nverified with {report["runtime"]} on batches of {report["batch_sizes"]} at {sizes}: max '
-            f'|delta| = {report["max_abs_diff"]:.2e} <= tolerance {report["tolerance"]:.2e}; feed images normalised '
-            f'with mean={_fmt_floats(report["mean"])} std={_fmt_floats(report["std"])}')
-
-
-def _fmt_floats(values: Sequence[float]) -> str:
-    return '(' + ', '.join(f'{v:.4g}' for v in values) + ')'
-
-
-def export_check(model_name: str, img_size: int, branch: int, format: str = 'onnx', num_classes: int = 10,
-                 exporter: str = 'auto', dynamic_size: bool = False, **model_kwargs) -> Tuple[bool, str]:
-    """(ok, reason) for the coverage sweep: can branch `branch` of `model_name` (random weights) be exported
-    to `format` and pass the parity check? reason: 'max |delta| ... by EXPORTER[ (why)]' when ok, else the
-    one-line failure."""
-    try:
-        if branch == 0:
-            model = create_with_img_size(base_arch(model_name), img_size, num_classes=num_classes, **model_kwargs)
-        else:
-            model = create_with_img_size(sila_name(model_name), img_size, num_classes=num_classes, sila_branch=branch,
-                                         sila_stripped=True, **model_kwargs)
-        with tempfile.TemporaryDirectory(prefix='timm-sila-export-check-') as tmp:
-            report = export(model.eval(), branch, format, Path(tmp) / f'model.{format}', img_size=img_size,
-                            exporter=exporter, dynamic_size=dynamic_size)
-    except MissingExtraError:
-        raise
-    except Exception as e:  # the sweep records every failure, whatever raised it
-        return False, f'{type(e).__name__}: {_first_line(e)}'
-    why = f' ({report["exporter_reason"]})' if report['exporter_reason'] else ''
-    return True, (f'max |delta| {report["max_abs_diff"]:.1e} (tolerance {report["tolerance"]:.1e}) by '
-                  f'{report["exporter"]}{why}')
-
-
-# --- CLI: timm-sila export (parser: timm_sila_cli) --------------------------------------------------------------
-def cli_load_kwargs(args: Any) -> Dict[str, Any]:
-    """The checkpoint-loading options of a `timm-sila export|bench` command line; refused for a folder source."""
-    names = dict(model=args.model, num_classes=args.num_classes, sets=args.sets, taps=args.taps, head=args.head)
-    given = {k: v for k, v in names.items() if v is not None}
-    if args.ema:
-        given['ema'] = True
-    if Path(args.source).is_dir() and given:
-        flags = ', '.join('--' + k.replace('_', '-') for k in given)
-        raise ValueError(f'{flags}: only for a checkpoint file; the folder {args.source} holds one model, named in '
-                         f'its config.json.')
-    return dict(given, **args.model_kwargs)
-
-
-def run_export(args: Any) -> int:
-    """`timm-sila export`: writes the verified file, prints what was written (or the JSON report)."""
-    from timm_sila.cli import print_json
-    try:
-        report = export(args.source, args.branch, args.format, args.out, img_size=args.img_size,
-                        batch_size=args.batch_size, atol=args.atol, opset=args.opset, overwrite=args.force,
-                        dynamic_size=args.dynamic_size, exporter=args.exporter, **cli_load_kwargs(args))
-    except MemoryBoundError as e:  # the API's message names batch_size / img_size; the CLI's flags differ
-        raise ValueError(e.message('--batch-size', '--img-size')) from e
-    if args.json:
-        print_json(report)
-    else:
-        print(format_export(report))
-    return 0

@@ -11,7 +11,7 @@ manifest of the files written: overwriting replaces only those); `load_stripped`
 import copy
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -19,14 +19,16 @@ import timm
 from safetensors.torch import save_file
 
 from timm_sila.io.atomic import atomic_output_dir, check_output_dir
-from timm_sila.io.checkpoint import (
-    Checkpoint, CheckpointError, _overridden, build_checked, load_silanet, read_checkpoint, read_safetensors)
-from timm_sila.config import (
-    sila_name, check_file_architecture, read_file_json, sanitize_file_data_config, sanitize_file_model_kwargs)
+from timm_sila.io.checkpoint import (Checkpoint, overridden_kwargs, build_checked, load_silanet, read_checkpoint,
+    read_safetensors)
+from timm_sila.io.trust import CheckpointError
+from timm_sila.config import check_branch, sila_name
+from timm_sila.io.trust import (check_file_architecture, read_file_json, sanitize_file_data_config,
+    sanitize_file_model_kwargs)
 from timm_sila.model import SilaNet, prune_base
 from timm_sila._timm_compat import model_args, save_config_for_hf
 
-__all__ = ['strip', 'load_stripped', 'export_model']
+__all__ = ['strip', 'load_stripped', 'branch_model', 'class_names_from_config', 'WEIGHTS_NAME', 'CONFIG_NAME']
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
@@ -39,22 +41,13 @@ EXPORTED_CFG_KEYS = ('input_size', 'test_input_size', 'min_input_size', 'fixed_i
 _CFG_DATA_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
 
 
-def _check_branch(net: SilaNet, branch: Any) -> int:
-    if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < net.sets:
-        raise ValueError(f'branch {branch!r} is out of range: this SilaNet has sets={net.sets}, so branch must be '
-                         f'an integer in [0, {net.sets - 1}] (0 = the base model, k >= 1 = head k on tap k).')
-    if net.stripped and branch != net.branch:
-        raise ValueError(f'This SilaNet was already stripped to branch {net.branch}; it has no branch {branch}.')
-    return branch
-
-
-def export_model(net: SilaNet, branch: int = 0) -> nn.Module:
+def branch_model(net: SilaNet, branch: int = 0) -> nn.Module:
     """The stand-alone eval-mode timm model of one branch, carrying the SilaNet's weights.
 
     Branch 0: a vanilla `timm.create_model(net.arch, ...)`; branch k >= 1: `sila_<arch>` with
     sila_branch=k, sila_stripped=True (no layer after tap k, no other head).
     """
-    branch = _check_branch(net, branch)
+    branch = check_branch(branch, net.sets, net.branch if net.stripped else None)
     base_args = net.base_args()
     if branch == 0:
         model = timm.create_model(net.arch, **base_args)
@@ -164,14 +157,14 @@ def strip(
         raise ValueError(f'source must be a SilaNet or a checkpoint path, got a {type(source).__name__}; a plain '
                          f'timm model needs no stripping (use timm.models.save_for_hf).')
     elif isinstance(source, (str, Path, Checkpoint)):
-        ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source, _overridden(
+        ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source, overridden_kwargs(
             model_kwargs, num_classes=num_classes, sila_sets=sets, sila_taps=taps, sila_head=head, img_size=img_size))
         net = load_silanet(ckpt, model=model, num_classes=num_classes, sets=sets, taps=taps, head=head, ema=ema,
                            img_size=img_size, **model_kwargs)
         data_config = ckpt.data_config
     else:
         raise ValueError(f'source must be a SilaNet or a checkpoint path, got {type(source).__name__}.')
-    exported = export_model(net, branch)
+    exported = branch_model(net, branch)
     file_args = model_args(exported)
     file_args['num_classes'] = net.num_classes
     with atomic_output_dir(out_dir, overwrite, sources, _EXPORT_FILES, commit_last=CONFIG_NAME) as folder:
@@ -190,14 +183,36 @@ def _read_config(path: Path) -> Dict[str, Any]:
     return config
 
 
+def class_names_from_config(config: Any, num_classes: Optional[int]) -> Optional[List[str]]:
+    """The class names a timm hub config (config.json) records -- top-level or pretrained_cfg `label_names`, a list
+    or an {index: name} mapping -- when they are one short name per class; else None (not recorded, or not usable:
+    timm drops label names whose count differs from num_classes)."""
+    if not isinstance(config, dict):
+        return None
+    cfg = config.get('pretrained_cfg')
+    names = config.get('label_names', cfg.get('label_names') if isinstance(cfg, dict) else None)
+    if isinstance(names, dict):
+        try:
+            by_index = {int(k): v for k, v in names.items()}
+        except (TypeError, ValueError):
+            return None
+        names = [by_index.get(i) for i in range(len(by_index))]
+    if not isinstance(names, (list, tuple)) or not names or (num_classes is not None and len(names) != num_classes):
+        return None
+    if not all(isinstance(n, str) and 0 < len(n) <= 256 for n in names):
+        return None
+    return list(names)
+
+
 def load_stripped(out_dir: Union[str, Path], **model_kwargs) -> nn.Module:
     """Load a folder written by `strip` (either branch) as a timm model in eval mode.
 
     The folder is read as a stranger's: config.json's `architecture` must be a registered timm name, its
     `model_args` pass the allow-list of `timm_sila.config` (an argument given here replaces the file's, which is
-    then not read), only the data config fields of its `pretrained_cfg` are used (range-checked); the model is
+    then not read), only the data config fields of its `pretrained_cfg` are used (range-checked), and its class
+    names (`label_names`, one short name per class) become the model's `pretrained_cfg['label_names']`; the model is
     checked against model.safetensors on the meta device, then built with pretrained=False and the weights loaded
-    strictly (`build_checked`). config.json is read within the JSON bounds of `timm_sila.config.FILE_LIMITS`.
+    strictly (`build_checked`). config.json is read within the JSON bounds of `timm_sila.io.trust.FILE_LIMITS`.
     Nothing is fetched or written.
     """
     out_dir = Path(out_dir)
@@ -219,6 +234,10 @@ def load_stripped(out_dir: Union[str, Path], **model_kwargs) -> nn.Module:
     model = build_checked(arch, args, tensors, f'{weights_path} with its {CONFIG_NAME}',
                           origins=origins, what=f'{arch}({args})',
                           hint=f'Is {CONFIG_NAME} the one written with these weights?')
-    model.pretrained_cfg = dict(model.pretrained_cfg, **{k: v for k, v in data_config.items() if k in _CFG_DATA_KEYS})
-    model.default_cfg = model.pretrained_cfg
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k != 'label_names'}  # timm's, for another head
+    cfg.update({k: v for k, v in data_config.items() if k in _CFG_DATA_KEYS})
+    names = class_names_from_config(config, getattr(model, 'num_classes', None))
+    if names is not None:
+        cfg['label_names'] = names
+    model.pretrained_cfg = model.default_cfg = cfg
     return model.eval()

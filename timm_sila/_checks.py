@@ -1,0 +1,71 @@
+"""Value checks shared by the SilaNet settings (`config`) and the rules for values read from files (`io.trust`).
+
+Each check is a predicate `check(value) -> bool`; `spec(check, expected)` attaches the wording of what it accepts,
+which `describe(check)` returns for error messages. Booleans are never numbers; numbers are finite.
+"""
+import math
+import numbers
+import re
+from typing import Any, Callable
+
+Check = Callable[[Any], bool]
+
+NAME = re.compile(r'[A-Za-z0-9_.\-]{0,64}')  # a model, layer, pool or head name: never a path, URL or source prefix
+MAX_LIST = 64
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(lo: int) -> Check:
+    return lambda v: is_int(v) and v >= lo
+
+
+def real(lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False) -> Check:
+    return lambda v: is_real(v) and (v > lo if lo_open else v >= lo) and v <= hi
+
+
+def name(v: Any) -> bool:
+    return isinstance(v, str) and NAME.fullmatch(v) is not None
+
+
+def flag(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def seq(item: Check, min_len: int = 1, max_len: int = MAX_LIST) -> Check:
+    return lambda v: isinstance(v, (list, tuple)) and min_len <= len(v) <= max_len and all(item(x) for x in v)
+
+
+def either(*checks: Check) -> Check:
+    return lambda v: any(check(v) for check in checks)
+
+
+def spec(check: Check, expected: str) -> Check:
+    """`check` with the wording of what it accepts, used in error messages."""
+    def checked(value: Any) -> bool:
+        return check(value)
+    checked.expected = expected
+    return checked
+
+
+def describe(check: Check) -> str:
+    return getattr(check, 'expected', 'a value of another type')
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: a value from a file can be arbitrarily long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty): one-line errors quote
+    what torch, timm or the OS said without their tracebacks or hints."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
