@@ -35,7 +35,7 @@ from timm_sila.io.atomic import (
     SourceInOutputError, atomic_output_dir, atomic_write_file, check_output_dir, read_manifest)
 from timm_sila.exits.early_exit import EarlyExit
 from timm_sila.ship.export import export
-from timm_sila.ship.card import write_model_card
+from timm_sila.ship.strip import write_model_card
 from timm_sila_cli import main
 
 ARCH = 'sila_test_resnet'  # timm's 0.4M-parameter test ResNet: taps layer3, layer1

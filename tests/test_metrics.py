@@ -20,7 +20,7 @@ from timm_sila.measure.metrics import MetricsError, check_params, read_eval_metr
 
 MAX_JSON_DEPTH = int(FILE_LIMITS['json_depth'].hi)
 MAX_METRICS_BYTES = int(FILE_LIMITS['json_bytes'].hi)
-from timm_sila.ship.card import model_card
+from timm_sila.ship.strip import model_card
 from timm_sila.measure.sizes import count_params
 from timm_sila_cli import main
 

@@ -9,7 +9,7 @@ import timm
 
 from timm_sila import load_stripped, strip
 from timm_sila.ship.strip import branch_model
-from timm_sila.ship.card import model_card, write_model_card
+from timm_sila.ship.strip import model_card, write_model_card
 
 
 def front_matter(text):

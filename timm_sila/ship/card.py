@@ -1,4 +1,6 @@
-"""README.md model card, in the Hugging Face hub's format, for a folder written by `timm_sila.strip`.
+"""README.md model card, in the Hugging Face hub's format, for a folder written by `timm_sila.strip`: a pure text
+renderer (`render_model_card`: facts in, markdown out, no file read or written; `strip` and `write_model_card` in
+`timm_sila.ship.strip` gather the facts and write the file).
 
 The card is YAML front matter (`library_name: timm`, `pipeline_tag`, tags incl. `sila`; the license is left for
 the user, as a comment) and a body stating what the file is: base architecture, branch kept and its tap, params /
@@ -8,29 +10,24 @@ k >= 1) and, given a `timm-sila eval --json` result, the metrics of the branch. 
 """
 import json
 import re
-from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
 import torch.nn as nn
 
-from timm_sila.io.atomic import atomic_output_dir, check_output_dir
-from timm_sila.io.trust import read_file_json, sanitize_file_data_config
-from timm_sila.measure.metrics import check_params, read_eval_metrics
+from timm_sila.measure.metrics import check_params
 from timm_sila.measure.sizes import branch_sizes
 from timm_sila.model import SilaNet
-from .strip import CONFIG_NAME, load_stripped
 
-__all__ = ['model_card', 'write_model_card', 'CARD_NAME']
+__all__ = ['render_model_card', 'CARD_NAME']
 
 CARD_NAME = 'README.md'
 _REPO_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$')
 _PLAIN = re.compile(r'^[A-Za-z0-9_.:/ -]{1,64}$')  # text from a metrics file shown in the card: short, no markup
 
 
-def _metrics_row(metrics: Union[str, Path, Dict[str, Any]], branch: int, params: int) -> Dict[str, Any]:
-    """The eval row of `branch` (top1..top5, loss) plus split / num_samples, range-checked by
-    `timm_sila.metrics.read_eval_metrics` and its params compared with the folder's."""
-    checked = read_eval_metrics(metrics)
+def _metrics_row(checked: Dict[str, Any], branch: int, params: int) -> Dict[str, Any]:
+    """The eval row of `branch` (top1..top5, loss) plus split / num_samples of a `read_eval_metrics` result, its
+    params compared with the model's."""
     row = checked['branches'].get(branch)
     if row is None:
         raise ValueError(f'{checked["source"]} holds no row for branch {branch}; evaluate this branch (or the full '
@@ -47,35 +44,28 @@ def _floats(values) -> str:
     return '(' + ', '.join(f'{float(v):.4g}' for v in values) + ')'
 
 
-def model_card(
-        folder: Union[str, Path],
-        metrics: Union[str, Path, Dict[str, Any], None] = None,
+def render_model_card(
+        model: nn.Module,
+        data_config: Dict[str, Any],
+        name: str,
+        metrics: Optional[Dict[str, Any]] = None,
         *,
-        model: Optional[nn.Module] = None,
         repo_id: Optional[str] = None,
         dataset: Optional[str] = None,
-        name: Optional[str] = None,
 ) -> str:
-    """The README.md text of a strip output folder (config.json + model.safetensors).
+    """The README.md text for a strip folder holding `model` (a plain timm model = branch 0, or a stripped SilaNet).
 
-    `model`: the folder's model if already loaded (else `load_stripped(folder)`). `metrics`: a `timm-sila eval
-    --json` result (file or dict) holding this branch. `repo_id` ('user/name'): adds the hub loading line.
-    `dataset`: the name of the evaluation data set, shown with the metrics. `name`: the folder name in the
-    card's `local-dir:` line (default: the folder's own; pass it when writing into a temp folder).
-    Input size and normalisation are those of the folder's config.json (range-checked).
-    """
-    folder = Path(folder)
+    `data_config`: the folder's data config as its config.json states it (input_size, mean, std, interpolation,
+    crop_pct, crop_mode). `name`: the folder name in the card's `local-dir:` line. `metrics`: a checked
+    `read_eval_metrics` result holding this branch (its params must be the model's). `repo_id` ('user/name'): adds
+    the hub loading line. `dataset`: the name of the evaluation data set, shown with the metrics. ValueError for a
+    malformed repo_id / dataset, or metrics of another branch or model."""
     if repo_id is not None and not _REPO_ID.match(repo_id):
         raise ValueError(f'repo_id must look like "user/name", got {repo_id!r}.')
     if dataset is not None and not _PLAIN.match(dataset):
         raise ValueError(f'dataset must be a short name (letters, digits, _ . : / - and spaces), got {dataset!r}.')
-    if model is None:
-        model = load_stripped(folder)
+    cfg = dict(model.pretrained_cfg or {}, **data_config)
     size = branch_sizes(model)[0]
-    config = read_file_json(folder / CONFIG_NAME)  # bounded: the folder may be a stranger's
-    file_cfg = config.get('pretrained_cfg') if isinstance(config, dict) else None
-    cfg = dict(model.pretrained_cfg or {}, **sanitize_file_data_config(
-        file_cfg if isinstance(file_cfg, dict) else {}, folder / CONFIG_NAME))
     sila = isinstance(model, SilaNet)
     branch = model.branch if sila else 0
     arch = model.arch if sila else cfg.get('architecture') or type(model).__name__
@@ -117,7 +107,7 @@ def model_card(
     if sila:
         body.append(f'| SilaNet training | {model.sets} sets, β = {model.beta:g}, λ (decay) = {model.decay:g} |')
 
-    local = f'local-dir:{name or folder.name}'
+    local = f'local-dir:{name}'
     load = ['## How to load', '', '```python', 'import timm']
     if sila:
         load.append('import timm_sila  # pip install timm-sila: registers the sila_* architecture of this branch')
@@ -143,20 +133,3 @@ def model_card(
                 '| ' + ' | '.join([f'{row[k]:.2f}' for k in ks] + ([f'{row["loss"]:.4f}'] if 'loss' in row
                                                                   else [])) + ' |', '']
     return '\n'.join(out)
-
-
-def write_model_card(folder: Union[str, Path], metrics: Union[str, Path, Dict[str, Any], None] = None, *,
-                     overwrite: bool = False, **kwargs) -> Path:
-    """Write `model_card(folder, metrics, **kwargs)` to folder/README.md atomically; returns its path.
-
-    An existing README.md is replaced only with `overwrite`, and only when timm-sila wrote it (the folder's
-    manifest lists it, unchanged): else OutputExistsError / ForeignFilesError (see `timm_sila.atomic`); the
-    folder's other files are kept, the manifest records the new card.
-    """
-    folder = Path(folder)
-    sources = [metrics] if isinstance(metrics, (str, Path)) else []
-    check_output_dir(folder, overwrite, sources, names=[CARD_NAME])  # before reading the model
-    text = model_card(folder, metrics, **kwargs)
-    with atomic_output_dir(folder, overwrite, sources, names=[CARD_NAME], commit_last=CARD_NAME) as tmp:
-        (tmp / CARD_NAME).write_text(text, encoding='utf-8')
-    return folder / CARD_NAME

@@ -18,17 +18,20 @@ import torch.nn as nn
 import timm
 from safetensors.torch import save_file
 
+from timm_sila.config import check_branch, sila_name
+from timm_sila.data.config import data_args, model_channels
 from timm_sila.io.atomic import atomic_output_dir, check_output_dir
 from timm_sila.io.checkpoint import (Checkpoint, overridden_kwargs, build_checked, load_silanet, read_checkpoint,
     read_safetensors)
-from timm_sila.io.trust import CheckpointError
-from timm_sila.config import check_branch, sila_name
-from timm_sila.io.trust import (check_file_architecture, read_file_json, sanitize_file_data_config,
+from timm_sila.io.trust import (CheckpointError, check_file_architecture, read_file_json, sanitize_file_data_config,
     sanitize_file_model_kwargs)
+from timm_sila.measure.metrics import read_eval_metrics
 from timm_sila.model import SilaNet, prune_base
 from timm_sila._timm_compat import model_args, save_config_for_hf
+from .card import CARD_NAME, render_model_card
 
-__all__ = ['strip', 'load_stripped', 'branch_model', 'class_names_from_config', 'WEIGHTS_NAME', 'CONFIG_NAME']
+__all__ = ['strip', 'load_stripped', 'branch_model', 'model_card', 'write_model_card', 'class_names_from_config',
+           'WEIGHTS_NAME', 'CONFIG_NAME']
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
@@ -84,8 +87,9 @@ def _unshared(state_dict: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _write_export(model: nn.Module, folder: Path, model_args: Dict[str, Any],
-                  data_config: Optional[Dict[str, Any]]) -> None:
-    """What save_for_hf writes into `folder`, with config.json's pretrained_cfg cut to EXPORTED_CFG_KEYS."""
+                  data_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """What save_for_hf writes into `folder`, with config.json's pretrained_cfg cut to EXPORTED_CFG_KEYS; returns
+    the config written."""
     # save_for_hf's weights step, with tensors that share storage copied apart: safetensors refuses shared
     # storage (CoaT shares its conv position encoders), timm loads every key back strictly.
     save_file(_unshared(model.state_dict()), str(folder / WEIGHTS_NAME))
@@ -93,19 +97,15 @@ def _write_export(model: nn.Module, folder: Path, model_args: Dict[str, Any],
     config = json.loads((folder / CONFIG_NAME).read_text(encoding='utf-8'))
     config['pretrained_cfg'] = {k: v for k, v in config.get('pretrained_cfg', {}).items() if k in EXPORTED_CFG_KEYS}
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding='utf-8')
+    return config
 
 
-def _data_config(net: SilaNet, data_config: Dict[str, Any], img_size: Optional[int]) -> Dict[str, Any]:
-    cfg = dict(data_config)
-    if img_size is not None:
-        cfg.pop('input_size', None)
-        cfg['img_size'] = int(img_size)
-    if 'img_size' in cfg and 'input_size' not in cfg:
-        chans = net.pretrained_cfg.get('input_size', (3,))[0]
-        chans = cfg.pop('in_chans', None) or net.base_args().get('in_chans', chans)
-        size = cfg.pop('img_size')
-        cfg['input_size'] = (chans, size, size) if isinstance(size, int) else (chans, *size)
-    return cfg
+def _card(model: nn.Module, config: Dict[str, Any], source: Any, name: str, metrics: Optional[Dict[str, Any]],
+          **card_kwargs: Any) -> str:
+    """The model card of a folder whose config.json is `config` (read from `source`), holding `model`."""
+    cfg = config.get('pretrained_cfg')
+    data_config = sanitize_file_data_config(cfg if isinstance(cfg, dict) else {}, source)
+    return render_model_card(model, data_config, name, metrics, **card_kwargs)
 
 
 def strip(
@@ -147,6 +147,7 @@ def strip(
     if isinstance(metrics, (str, Path)):
         sources.append(metrics)
     check_output_dir(out_dir, overwrite, sources, _EXPORT_FILES)  # fail before the (slow) load; again under lock
+    checked = read_eval_metrics(metrics) if card and metrics is not None else None
     data_config: Dict[str, Any] = {}
     if isinstance(source, SilaNet):
         if ema or model or num_classes or sets or taps or head or model_kwargs:
@@ -167,11 +168,11 @@ def strip(
     exported = branch_model(net, branch)
     file_args = model_args(exported)
     file_args['num_classes'] = net.num_classes
+    channels = model_channels(net)
     with atomic_output_dir(out_dir, overwrite, sources, _EXPORT_FILES, commit_last=CONFIG_NAME) as folder:
-        _write_export(exported, folder, file_args, _data_config(net, data_config, img_size))
+        config = _write_export(exported, folder, file_args, data_args(data_config, img_size, channels))
         if card:
-            from .card import CARD_NAME, model_card  # the card module reads exports: imported here, not above
-            text = model_card(folder, metrics, model=exported, name=out_dir.name)
+            text = _card(exported, config, folder / CONFIG_NAME, out_dir.name, checked)
             (folder / CARD_NAME).write_text(text, encoding='utf-8')
     return out_dir
 
@@ -241,3 +242,38 @@ def load_stripped(out_dir: Union[str, Path], **model_kwargs) -> nn.Module:
         cfg['label_names'] = names
     model.pretrained_cfg = model.default_cfg = cfg
     return model.eval()
+
+
+def model_card(folder: Union[str, Path], metrics: Union[str, Path, Dict[str, Any], None] = None, *,
+               model: Optional[nn.Module] = None, repo_id: Optional[str] = None, dataset: Optional[str] = None,
+               name: Optional[str] = None) -> str:
+    """The README.md text of a strip output folder (config.json + model.safetensors), read as a stranger's folder.
+
+    `model`: the folder's model if already loaded (else `load_stripped(folder)`). `metrics`: a `timm-sila eval
+    --json` result (file or dict) holding this branch, range-checked (`read_eval_metrics`). `repo_id`, `dataset`:
+    as `render_model_card` takes them. `name`: the folder name in the card's `local-dir:` line (default: its own).
+    Input size and normalisation are those of the folder's config.json (range-checked)."""
+    folder = Path(folder)
+    checked = read_eval_metrics(metrics) if metrics is not None else None
+    if model is None:
+        model = load_stripped(folder)
+    config_path = folder / CONFIG_NAME
+    return _card(model, _read_config(config_path), config_path, name or folder.name, checked, repo_id=repo_id,
+                 dataset=dataset)
+
+
+def write_model_card(folder: Union[str, Path], metrics: Union[str, Path, Dict[str, Any], None] = None, *,
+                     overwrite: bool = False, **kwargs) -> Path:
+    """Write `model_card(folder, metrics, **kwargs)` to folder/README.md atomically; returns its path.
+
+    An existing README.md is replaced only with `overwrite`, and only when timm-sila wrote it (the folder's
+    manifest lists it, unchanged): else OutputExistsError / ForeignFilesError (see `timm_sila.atomic`); the
+    folder's other files are kept, the manifest records the new card.
+    """
+    folder = Path(folder)
+    sources = [metrics] if isinstance(metrics, (str, Path)) else []
+    check_output_dir(folder, overwrite, sources, names=[CARD_NAME])  # before reading the model
+    text = model_card(folder, metrics, **kwargs)
+    with atomic_output_dir(folder, overwrite, sources, names=[CARD_NAME], commit_last=CARD_NAME) as tmp:
+        (tmp / CARD_NAME).write_text(text, encoding='utf-8')
+    return folder / CARD_NAME
