@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import timm
+import timm_sila.exits.early_exit
 
 from timm_sila.exits.early_exit import EarlyExit
 from timm_sila.exits.calibration import calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
@@ -186,7 +187,6 @@ def test_failed_save_keeps_the_previous_file_whole(model, tmp_path, monkeypatch)
     """EarlyExit.save goes through the shared atomic writer: a disk-full error midway leaves the old file."""
     import errno
 
-    import safetensors.torch
     path = tmp_path / 'exit.safetensors'
     EarlyExit(model, thresholds=0.3, input_size=(3, 32, 32)).save(path)
     old = path.read_bytes()
@@ -196,7 +196,7 @@ def test_failed_save_keeps_the_previous_file_whole(model, tmp_path, monkeypatch)
             f.write(b'partial')
         raise OSError(errno.ENOSPC, 'No space left on device', filename)
 
-    monkeypatch.setattr(safetensors.torch, 'save_file', disk_full)
+    monkeypatch.setattr(timm_sila.exits.early_exit, 'save_file', disk_full)  # the writer EarlyExit.save calls
     with pytest.raises(OSError, match='space'):
         EarlyExit(model, thresholds=0.9, input_size=(3, 32, 32)).save(path, overwrite=True)
     assert path.read_bytes() == old

@@ -73,7 +73,7 @@ def _check_curve_outputs(args: argparse.Namespace) -> List[Path]:
         check_output_file(path, args.force, _curve_inputs(args))
     if args.png is not None:
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib  # noqa: F401  -- optional dependency: checked before the slow work
         except ImportError:
             raise ValueError('--png needs matplotlib: pip install matplotlib, or leave out --png.') from None
     return outputs

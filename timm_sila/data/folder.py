@@ -29,9 +29,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from PIL import Image
+from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from timm_sila._checks import first_line
+from .memory import check_batch_fits
 
 __all__ = ['ImageFolderDataset', 'ImageFolderError', 'ImageReadError', 'IMG_EXTENSIONS', 'image_mode',
            'image_loader', 'eval_loader']
@@ -161,7 +164,6 @@ def _check_classes(root: str, classes: List[str], num_classes: Optional[int],
 def _open_image(path: str, mode: str):
     """The image at `path`, decoded and converted to `mode`; opened without blocking (a FIFO put in place of a
     file since the folder was scanned is refused, not waited on)."""
-    from PIL import Image
     fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_CLOEXEC', 0)
                  | getattr(os, 'O_BINARY', 0))
     try:
@@ -298,9 +300,7 @@ def eval_loader(root: Union[str, Path], model: torch.nn.Module, data_config: Dic
     (`resolve_data_config` form), images in the mode its input channels need (`image_mode`), the folder's classes
     checked against the model's `num_classes` (and `class_names` where recorded), at most `limit` images, and the
     batch -- `batch_size`, or all images when fewer -- checked against the memory available on the CPU and on
-    `device` (`timm_sila.sizes.check_batch_fits`: MemoryBoundError, a ValueError)."""
-    from timm.data import create_transform
-    from timm_sila.data.memory import check_batch_fits
+    `device` (`timm_sila.data.memory.check_batch_fits`: MemoryBoundError, a ValueError)."""
     input_size = tuple(data_config['input_size'])
     num_classes = getattr(model, 'num_classes', None)
     dataset = ImageFolderDataset(root, transform=create_transform(**data_config, is_training=False),

@@ -305,7 +305,7 @@ def exit_curve(model: SilaNet, calib_loader: Iterable, eval_loader: Iterable, po
     than the base model and, if not, which stripped branch is the fastest within the drop ('ship'). When the chosen
     point is measured no faster than the base model a `SlowerThanBaseWarning` carries the verdict's message (also
     listed in 'warnings'): an EarlyExit saved at that point would be slower than the model it replaces.
-    progress: called with one line per phase and batch report (e.g. `lambda line: print(line, file=sys.stderr)`)."""
+    progress: called with one line per phase and batch report (e.g. a function writing it to stderr)."""
     if isinstance(points, bool) or not isinstance(points, int) or points < 1:
         raise ValueError(f'points must be an integer >= 1, got {points!r}.')
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) \

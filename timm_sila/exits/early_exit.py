@@ -16,10 +16,18 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .policy import NEVER, check_policy, exit_score, exits
-from .macs import segment_macs
+from safetensors.torch import save_file
+
+from timm_sila.config import sila_name
+from timm_sila.io.atomic import atomic_write_file, check_output_file
+from timm_sila.io.checkpoint import build_checked, read_safetensors
+from timm_sila.io.trust import (CheckpointError, UnsafeFileError, check_file_architecture, parse_file_json,
+                                sanitize_file_model_kwargs)
 from timm_sila.model import SilaNet
+from timm_sila.taps import probe_input_shape
 from timm_sila._timm_compat import model_args as timm_model_args
+from .macs import segment_macs
+from .policy import NEVER, check_policy, exit_score, exits
 
 __all__ = ['EarlyExit', 'ExitResult']
 
@@ -93,7 +101,6 @@ class EarlyExit(nn.Module):
         self._verify_model(input_size)
 
     def _verify_model(self, input_size: Optional[Sequence[int]]) -> None:
-        from timm_sila.taps import probe_input_shape
         shape = tuple(int(v) for v in (input_size or probe_input_shape(self.model.base)))
         param = next(self.model.parameters())
         x = torch.zeros(1, *shape, device=param.device, dtype=param.dtype)
@@ -232,9 +239,6 @@ class EarlyExit(nn.Module):
         is replaced only with `overwrite` (else OutputExistsError, also for a file that appears while saving).
         Refuses (ValueError) a model built with arguments an EarlyExit file may not carry (see
         `timm_sila.io.trust.FILE_MODEL_KWARGS`), so that every saved file loads."""
-        from safetensors.torch import save_file
-        from timm_sila.io.atomic import atomic_write_file, check_output_file
-        from timm_sila.io.trust import UnsafeFileError, sanitize_file_model_kwargs
         check_output_file(path, overwrite)
         model_args = dict(timm_model_args(self.model), **self.model.sila_args())
         model_args.pop('num_classes', None)
@@ -257,14 +261,10 @@ class EarlyExit(nn.Module):
         The file may choose weights, never code, URLs, paths or downloads: its model arguments pass the allow-list
         of `timm_sila.io.trust.sanitize_file_model_kwargs`, the architecture must be a registered name, tensors must
         match the model (checked on the meta device before it is built; no silent dtype cast) and the exit
-        configuration must be finite. The metadata JSON and every size in it are bounded (`timm_sila.config.
+        configuration must be finite. The metadata JSON and every size in it are bounded (`timm_sila.io.trust.
         FILE_LIMITS`). Anything else raises one `CheckpointError` (a ValueError) naming the file; loading performs no
         network access and writes nothing.
         """
-        from timm_sila.io.checkpoint import build_checked, read_safetensors
-        from timm_sila.config import sila_name
-        from timm_sila.io.trust import (CheckpointError, check_file_architecture, parse_file_json,
-            sanitize_file_model_kwargs)
         tensors, metadata = read_safetensors(path)
         raw = metadata.get('timm_sila')
         if raw is None:

@@ -39,7 +39,9 @@ Exceptions (all `OSError`s; `OutputError` is the one to catch; the CLI maps them
       OutputWriteError(OutputError)                     the OS refused a write (`.errno`: ENOSPC, EACCES, EISDIR...)
 `e.message(overwrite='--force')` words a refusal for an interface with another name for overwrite (the CLI).
 """
+import ctypes
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -136,7 +138,6 @@ class OutputWriteError(OutputError):
 
 # --- file system helpers ----------------------------------------------------------------------------------------
 def _flock(fd: int, blocking: bool = False) -> bool:
-    import fcntl
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
@@ -237,7 +238,6 @@ def _renameat2() -> Optional[Callable]:
     if not sys.platform.startswith('linux'):
         return None
     try:
-        import ctypes
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return None
@@ -250,7 +250,6 @@ def _rename_no_replace(src: Path, dst: Path) -> None:
     filesystem have it; else a check, then the rename: only another process's write in between can be lost)."""
     fn = _renameat2()
     if fn is not None:
-        import ctypes
         at_fdcwd, rename_noreplace = -100, 1
         if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
             return

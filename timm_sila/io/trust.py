@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Type, Union
 
+import timm
+
 from timm_sila import _checks as checks
 from timm_sila.config import SILA_CHECKS
 
@@ -356,7 +358,6 @@ def check_file_model_name(name: Any, source: Any, key: str = 'architecture') -> 
 def check_file_architecture(name: Any, source: Any) -> str:
     """A registered timm architecture named by file `source` (`check_file_model_name`; a pretrained tag is
     dropped: the weights come from the file); UnsafeFileError otherwise."""
-    import timm  # deferred: this module is imported by `config` users that need no timm
     arch = check_file_model_name(name, source).split('.', 1)[0]
     if not timm.is_model(arch):
         raise UnsafeFileError(f'{source} names the architecture {arch!r}, which is not a registered timm model '

@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.models import get_model_input_config
 
 from timm_sila._checks import first_line
 from timm_sila.data.config import resolve_data_config
@@ -89,7 +90,7 @@ def require_onnx() -> Tuple[Any, Any]:
     if missing:
         raise MissingExtraError(f'ONNX export and the onnxruntime benchmark need {", ".join(missing)}, which '
                                 f'{"is" if len(missing) == 1 else "are"} not installed: {EXTRA_HINT}.')
-    import onnx
+    import onnx  # optional dependencies (the export extra), checked above
     import onnxruntime
     return onnx, onnxruntime
 
@@ -183,7 +184,7 @@ def _dynamo_onnx(program: Any, opset: int, what: str) -> Callable[[Path], None]:
 def _rms_norm_symbolic(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:
     """aten::rms_norm for the TorchScript exporter: x / sqrt(mean(x * x over the normalised dims) + eps) * weight
     (ONNX's RMSNormalization needs opset 23)."""
-    from torch.onnx import symbolic_helper as sh
+    from torch.onnx import symbolic_helper as sh  # deferred: torch.onnx's TorchScript exporter only runs here
     dims = sh._maybe_get_const(normalized_shape, 'is')
     axes = g.op('Constant', value_t=torch.tensor(list(range(-len(dims), 0)), dtype=torch.long))
     eps = None if sh._is_none(eps) else sh._maybe_get_const(eps, 'f')
@@ -202,6 +203,7 @@ def _torchscript_symbolics(opset: int):
     """Register `_TORCHSCRIPT_SYMBOLICS` that torch has no conversion for at `opset`; unregister them after. One
     that is registered already (by torch or the caller) is left as it is."""
     try:
+        # torch internals, imported only when the TorchScript exporter runs; absent or moved in other torch versions
         from torch.onnx._internal.torchscript_exporter.registration import registry
         added = [name for name in _TORCHSCRIPT_SYMBOLICS if not registry.is_registered_op(name, opset)]
     except (ImportError, AttributeError):  # cannot tell what torch has: change nothing
@@ -269,7 +271,6 @@ def second_input_size(height: int, width: int) -> Tuple[int, int]:
 def fixed_size_reason(model: nn.Module, arch: str) -> Optional[str]:
     """Why `model` cannot be exported with a dynamic input size, from timm's traits (`fixed_input_size`, which
     timm clears for a model built with dynamic_img_size=True); None when timm says it takes any size."""
-    from timm.models import get_model_input_config
     try:
         fixed = bool(get_model_input_config(model).get('fixed_input_size'))
     except Exception:  # not a timm model: the check at a second input size decides
@@ -455,7 +456,7 @@ def export(
             used, reason = 'torchscript', f'dynamo failed: {dynamo_failed.cause}'
 
     if format == 'onnx':
-        import onnxruntime
+        _, onnxruntime = require_onnx()
         runtime = f'onnxruntime {onnxruntime.__version__}'
     else:
         runtime = f'torch {torch.__version__}'
