@@ -100,14 +100,14 @@ def test_tap_rule_by_name_builds_those_taps():
 def test_depth_rule_picks_nearest_stage_per_set():
     from timm_sila.taps import Stage
     # D = 24, M = 3: targets 16 and 8; depths 3, 7, 12, 17, 24 -> 17 (index 3) and 7 (index 1)
-    stages = [Stage(i, f's{i}', 8, d) for i, d in enumerate([3, 7, 12, 17, 24])]
+    stages = [Stage(f's{i}', 8, d) for i, d in enumerate([3, 7, 12, 17, 24])]
     assert choose_taps(stages, 24, 3) == [3, 1]
     assert choose_taps(stages, 24, 3, 'stages') == [3, 2]
 
 
 def test_tap_rule_ties_go_deeper():
     from timm_sila.taps import Stage
-    stages = [Stage(i, f's{i}', 8, d) for i, d in enumerate([2, 4, 8, 12, 16])]
+    stages = [Stage(f's{i}', 8, d) for i, d in enumerate([2, 4, 8, 12, 16])]
     # D = 12, M = 2: target 6 is equidistant from depths 4 and 8 -> the deeper stage (index 2)
     assert choose_taps(stages, 12, 2) == [2]
 

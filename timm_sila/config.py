@@ -66,8 +66,9 @@ class SilaConfig:
 
     sets: output sets M >= 2 (set 0 = the base model); beta, decay: finite >= 0 (set j weighs beta * decay**(j-1));
     taps: None or a tap rule name ('depth' = paper Sec 2.2, the default; 'stages' = the M-1 stages before the
-    final one) or M-1 stage names / feature_info indices, deepest first (one name or index: a list of it); branch: the set answered in
-    eval mode, 0 <= branch < sets; head: auxiliary head type name; stripped: build only `branch`'s layers.
+    final one) or M-1 stage names / feature_info indices, deepest first (one name or index: a list of it);
+    branch: the set answered in eval mode, 0 <= branch < sets; head: auxiliary head type name; stripped: build
+    only `branch`'s layers.
     """
     sets: int = 3
     beta: float = 0.1

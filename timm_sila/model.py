@@ -36,7 +36,8 @@ def _arch_name(model: nn.Module) -> str:
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     arch = cfg.get('architecture')
     if not arch:
-        raise ValueError(f'{type(model).__name__} has no pretrained_cfg architecture; create it with timm.create_model.')
+        raise ValueError(f'{type(model).__name__} has no pretrained_cfg architecture; create it with '
+                         f'timm.create_model.')
     return arch
 
 

@@ -10,15 +10,15 @@ from timm.models import get_model_input_config
 from timm_sila.config import TAP_RULES
 from ._timm_compat import built_by_timm
 
-__all__ = ['Stage', 'TAP_RULES', 'probe_stages', 'choose_taps', 'resolve_taps']
+__all__ = ['Stage', 'probe_input_shape', 'probe_stages', 'choose_taps', 'resolve_taps']
 
 _WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One `feature_info` entry: its index, module name, channels of its NCHW map and its weight-layer depth."""
-    index: int
+    """One `feature_info` entry (stages are listed in feature_info order): its module name, the channels of its NCHW
+    map and its weight-layer depth."""
     module: str
     channels: int
     depth: int
@@ -206,7 +206,7 @@ def _probe(model: nn.Module, entries: List[dict], how: str, shape: Tuple[int, in
             raise _StageError(f"Stage {i} ({entry['module']}) gives a {len(feat)}-D feature, not an NCHW map.")
         if i not in depths:
             raise _StageError(f"Stage {i} ({entry['module']}) never ran in {type(model).__name__}'s forward.")
-        stages.append(Stage(i, entry['module'], int(feat[1]), depths[i]))
+        stages.append(Stage(entry['module'], int(feat[1]), depths[i]))
     return stages, total
 
 
@@ -268,5 +268,6 @@ def resolve_taps(taps: Optional[Sequence[Union[int, str]]], stages: Sequence[Sta
     if out and out[0] == len(stages) - 1:
         raise ValueError(f'Tap {names[out[0]]!r} is the final stage, which set 0 already uses; tap an earlier one.')
     if any(a <= b for a, b in zip(out, out[1:])):
-        raise ValueError(f'Taps must be strictly ordered deepest first (set 1 = deepest), got {[names[i] for i in out]}.')
+        raise ValueError(f'Taps must be strictly ordered deepest first (set 1 = deepest), got '
+                         f'{[names[i] for i in out]}.')
     return out

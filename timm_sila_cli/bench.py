@@ -7,6 +7,10 @@ from timm_sila.measure.bench import bench_branches
 from ._common import checkpoint_options, print_json
 
 
+def _rate(images_per_s: float) -> str:
+    return f'{images_per_s:,.0f}' if images_per_s >= 100 else f'{images_per_s:.3g}'
+
+
 def format_bench(result: Dict[str, Any]) -> str:
     """The benchmark as a table (one row per model, branch 0 = the base), with a header line of the setup."""
     has_acc = any('top1' in r for r in result['rows'])
@@ -17,7 +21,7 @@ def format_bench(result: Dict[str, Any]) -> str:
         label = f"{r['branch']}{' (base)' if r['branch'] == 0 else ''}{' *' if r['weights'] == 'random' else ''}"
         acc = [f"{r['top1']:.2f}" if 'top1' in r else '-'] if has_acc else []
         lines.append([label, str(r['exit']), f"{r['params']:,}", f"{r['size_mb']:.2f}", f"{100 * r['cr']:.2f}%"]
-                     + acc + [f"{r['latency_ms']:.2f} ± {r['latency_ms_iqr'] / 2:.2f}", f"{r['images_per_s']:,.0f}" if r['images_per_s'] >= 100 else f"{r['images_per_s']:.3g}",
+                     + acc + [f"{r['latency_ms']:.2f} ± {r['latency_ms_iqr'] / 2:.2f}", _rate(r['images_per_s']),
                               f"{r['speedup']:.2f}x"])
     widths = [max(len(h), *(len(r[j]) for r in lines)) for j, h in enumerate(head)]
     fmt = lambda r: '  '.join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))

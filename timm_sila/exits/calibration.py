@@ -117,7 +117,8 @@ def choose_threshold(branch_logits, labels, temperatures, segment_macs, policy='
     else:
         ok = [r for r in rows if r['compute'] <= budget]
         if not ok:
-            raise ValueError(f'No threshold reaches a compute budget of {budget}: the shallowest exit alone costs more.')
+            raise ValueError(f'No threshold reaches a compute budget of {budget}: the shallowest exit alone costs '
+                             f'more.')
         best = max(ok, key=lambda r: (r['accuracy'], -r['compute']))
     return dict(best, base_accuracy=base_acc)
 

@@ -40,7 +40,7 @@ from timm_sila.config import SILA_CHECKS
 
 __all__ = [
     'CheckpointError', 'UnsafeFileError', 'Bound', 'FILE_LIMITS', 'bound_violation', 'parse_file_json',
-    'read_file_json', 'FILE_MODEL_KWARGS', 'sanitize_file_model_kwargs', 'DATA_CONFIG_KEYS',
+    'read_file_json', 'FILE_MODEL_KWARGS', 'sanitize_file_model_kwargs',
     'sanitize_file_data_config', 'check_file_model_name', 'check_file_architecture',
 ]
 
@@ -213,8 +213,10 @@ def read_file_json(path: Union[str, Path], what: str = 'the file', error: Type[V
 # --- the create_model arguments a file may set -------------------------------------------------------------
 _COUNT = checks.spec(checks.integer(0), 'an integer >= 0')
 _POSITIVE = checks.spec(checks.integer(1), 'an integer >= 1')
-_SIZE = checks.spec(checks.either(checks.integer(1), checks.seq(checks.integer(1), 1, 3)), 'an integer >= 1 or a list of 1-3 of them')
-_DIMS = checks.spec(checks.either(checks.integer(1), checks.seq(checks.integer(1))), 'an integer >= 1 or a list of them')
+_SIZE = checks.spec(checks.either(checks.integer(1), checks.seq(checks.integer(1), 1, 3)),
+                    'an integer >= 1 or a list of 1-3 of them')
+_DIMS = checks.spec(checks.either(checks.integer(1), checks.seq(checks.integer(1))),
+                    'an integer >= 1 or a list of them')
 _PROB = checks.spec(checks.real(0.0, 1.0), 'a number in [0, 1]')
 _SCALE = checks.spec(checks.real(0.0, lo_open=True), 'a finite number > 0')
 _SCALES = checks.spec(checks.either(checks.real(0.0, lo_open=True), checks.seq(checks.real(0.0, lo_open=True))),
@@ -302,8 +304,10 @@ INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 CROP_MODES = ('center', 'squash', 'border')
 
 _DATA_CHECKS: Dict[str, Callable[[Any], bool]] = {
-    'input_size': checks.spec(checks.seq(checks.integer(1), 3, 3), 'a list of 3 integers >= 1 (channels, height, width)'),
-    'img_size': checks.spec(checks.either(checks.integer(1), checks.seq(checks.integer(1), 2, 2)), 'an integer >= 1 or a list of 2 of them'),
+    'input_size': checks.spec(checks.seq(checks.integer(1), 3, 3),
+                              'a list of 3 integers >= 1 (channels, height, width)'),
+    'img_size': checks.spec(checks.either(checks.integer(1), checks.seq(checks.integer(1), 2, 2)),
+                            'an integer >= 1 or a list of 2 of them'),
     'in_chans': _POSITIVE,
     'mean': checks.spec(checks.seq(checks.real(0.0, 1.0), 1, 4), 'a list of 1-4 numbers in [0, 1]'),
     'std': checks.spec(checks.seq(checks.real(0.0, 1.0, lo_open=True), 1, 4), 'a list of 1-4 numbers in (0, 1]'),
@@ -311,13 +315,13 @@ _DATA_CHECKS: Dict[str, Callable[[Any], bool]] = {
     'crop_mode': checks.spec(lambda v: v in CROP_MODES, f'one of {CROP_MODES}'),
     'interpolation': checks.spec(lambda v: v in INTERPOLATIONS, f'one of {INTERPOLATIONS}'),
 }
-DATA_CONFIG_KEYS = tuple(_DATA_CHECKS)
 
 
 def sanitize_file_data_config(config: Any, source: Any) -> Dict[str, Any]:
     """The data config keys of `config` (read from file `source`), range-checked.
 
-    Only DATA_CONFIG_KEYS are kept (other keys are not data config and are ignored); None and '' mean the model's
+    Only the data config keys (input_size, img_size, in_chans, mean, std, crop_pct, crop_mode, interpolation) are
+    kept (other keys are not data config and are ignored); None and '' mean the model's
     default (timm's resolve_data_config) and are dropped; a value of the wrong type or range, or outside
     `FILE_LIMITS` (input_size: its channels as 'in_chans', its sides as 'img_size'), raises UnsafeFileError.
     Sizes and mean/std are returned as tuples.

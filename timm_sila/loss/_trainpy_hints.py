@@ -1,10 +1,10 @@
 """What timm train.py options do to a SilaNet's training logits: the torch op each unsupported criterion or wrapper
 applies first, and the flag to change. Used only to word `SilaLossError` messages; the Sila loss never depends on it.
 """
-__all__ = ['FLAG_HINTS', 'hint_for_op']
+__all__ = ['hint_for_op']
 
 # (first op applied to the logits, hint)
-FLAG_HINTS = (
+_FLAG_HINTS = (
     (('sigmoid', 'binary_cross_entropy', 'binary_cross_entropy_with_logits', 'logsigmoid'),
      'This is binary cross-entropy: train.py --bce-loss (timm BinaryCrossEntropy, `--loss bce` in newer train.py) '
      'or another sigmoid-based loss (asl, poly, twoway, zlpr, db); drop that flag. '),
@@ -23,7 +23,7 @@ FLAG_HINTS = (
 
 def hint_for_op(name: str) -> str:
     """What in a train.py run applies torch op `name` to the training logits, and what to change."""
-    for names, hint in FLAG_HINTS:
+    for names, hint in _FLAG_HINTS:
         if name in names:
             return hint
     return ('This happens with train.py --bce-loss, --jsd-loss, knowledge distillation (--kd-model-name), '

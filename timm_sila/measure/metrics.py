@@ -70,8 +70,8 @@ def _row(row: Any, source: str, where: str, with_params: bool) -> Dict[str, Any]
     if with_params and row.get('params') is not None:
         params = row['params']
         if not checks.is_int(params) or params < 0:
-            raise MetricsError(f'{source}: {where} has params = {checks.short(params)}; a parameter count is an integer '
-                               f'>= 0.')
+            raise MetricsError(f'{source}: {where} has params = {checks.short(params)}; a parameter count is an '
+                               f'integer >= 0.')
         out['params'] = int(params)
     return out
 
@@ -93,8 +93,8 @@ def read_eval_metrics(metrics: Union[str, Path, Dict[str, Any]]) -> Dict[str, An
         raise MetricsError(f'{source} has no "branches" list; pass the output of `timm-sila eval --json`.')
     n = metrics.get('num_samples')
     if not checks.is_int(n) or n < 1:
-        raise MetricsError(f'{source} has num_samples = {checks.short(n)}; the images evaluated are an integer >= 1. Pass '
-                           f'the output of `timm-sila eval --json`.')
+        raise MetricsError(f'{source} has num_samples = {checks.short(n)}; the images evaluated are an integer >= 1. '
+                           f'Pass the output of `timm-sila eval --json`.')
     branches: Dict[int, Dict[str, Any]] = {}
     for i, row in enumerate(rows):
         branch = row.get('branch') if isinstance(row, dict) else None
