@@ -1,17 +1,19 @@
 """`sila_<arch>` names in timm's registry, with the base architecture's pretrained tags."""
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import timm
 from timm.models import DefaultCfg, generate_default_cfgs, load_pretrained, register_model
 
-from .config import SILA_KWARGS, SILA_PREFIX, SilaConfig, base_arch
+from timm_sila.config import SILA_PREFIX, SilaConfig
+from timm_sila.io.checkpoint import load_state_dict_checked, read_checkpoint
 from timm_sila.io.trust import sanitize_file_data_config, sanitize_file_model_kwargs
-from .model import SilaNet, sila_pretrained_cfg
-from ._timm_compat import arch_pretrained_cfgs
+from timm_sila.model import SilaNet, sila_pretrained_cfg
+from timm_sila._timm_compat import arch_pretrained_cfgs
 
-__all__ = ['SILA_PREFIX', 'SILA_KWARGS', 'register_sila_models', 'base_arch']
+__all__ = ['register_sila_models']
 
 # pretrained_cfg fields of a hub / local-dir config.json that reach load_pretrained: where the weights are, which
 # timm sets from the model name the caller typed, never a url or path from the file
@@ -62,8 +64,13 @@ def _create_sila(arch: str, pretrained: bool = False, pretrained_cfg=None, pretr
         model.pretrained_cfg = dict(sila_pretrained_cfg(base.pretrained_cfg, arch), **file_cfg,
                                     architecture=f'{SILA_PREFIX}{arch}')
         model.default_cfg = model.pretrained_cfg
-        load_pretrained(model, pretrained_cfg=model.pretrained_cfg, num_classes=model.num_classes,
-                        in_chans=kwargs.get('in_chans', 3), strict=True, cache_dir=cache_dir)
+        weights = Path(file_cfg.get('file') or '') / 'model.safetensors'
+        if file_cfg.get('source') == 'local-dir' and weights.is_file():  # a folder strip wrote: the checked reader
+            load_state_dict_checked(model, read_checkpoint(weights).state_dict, weights, what=f'{SILA_PREFIX}{arch}',
+                                    hint='Is config.json the one written with these weights?')
+        else:  # the hub, or other file names: timm fetches or finds the file, and loads it strictly
+            load_pretrained(model, pretrained_cfg=model.pretrained_cfg, num_classes=model.num_classes,
+                            in_chans=kwargs.get('in_chans', 3), strict=True, cache_dir=cache_dir)
     return model
 
 
