@@ -1,5 +1,8 @@
 import copy
+import errno
 import functools
+import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +81,36 @@ def tmp_out(tmp_path):
 # For scripts the tests run in a fresh interpreter: this process's own peak resident memory in MB. VmHWM belongs to
 # the process's own address space; ru_maxrss would also count the parent's memory at fork time, which exec records.
 PEAK_RSS_MB = "[int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0] / 1024"
+
+
+# --- what a test compares before and after, and what it may not do -------------------------------------------------
+def snapshot(root: Path, folders: bool = False) -> dict:
+    """Every path under root: a file's size and modification time and whether it is a link; with `folders`, each
+    folder's size and modification time too (so an entry made and removed inside it shows)."""
+    def entry(p):
+        st = p.lstat()
+        if p.is_dir():
+            return ('dir', p.is_symlink()) + ((st.st_size, st.st_mtime_ns) if folders else ())
+        return p.is_symlink(), st.st_size, st.st_mtime_ns
+    return {str(p.relative_to(root)): entry(p) for p in sorted(root.rglob('*'))}
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Any connection attempt or name lookup fails (and is recorded: the list is yielded); hub / torch caches point
+    into tmp_path, so a download would show in a snapshot of it too. The test fails if anything was attempted."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        address = args[1] if args and isinstance(args[0], socket.socket) else args[:2]
+        attempts.append(address)
+        raise OSError(errno.ENETUNREACH, f'test: network access to {address} refused')
+
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket.socket, 'connect_ex', refuse)
+    monkeypatch.setattr(socket, 'getaddrinfo', refuse)
+    for var in ('HF_HOME', 'TORCH_HOME', 'XDG_CACHE_HOME'):
+        monkeypatch.setenv(var, str(tmp_path / 'cache'))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '0')
+    yield attempts
+    assert attempts == [], f'network access attempted: {attempts}'

@@ -11,12 +11,15 @@ import io
 import json
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
 import timm
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+from conftest import snapshot
 
 from timm_sila import load_stripped, strip
 from timm_sila.io.checkpoint import build_checked, load_silanet, read_checkpoint
@@ -26,6 +29,8 @@ from timm_sila_cli import main
 
 ARCH = 'sila_test_resnet'  # timm's 0.4M-parameter test ResNet: default taps layer3, layer1
 TAPS = ['layer2', 'layer1']  # not the default: a reader that skips the file's args builds other heads
+
+pytestmark = pytest.mark.usefixtures('no_network')
 
 
 @pytest.fixture(scope='module')
@@ -38,6 +43,26 @@ def nets():
         for p in ema.parameters():
             p.add_(0.01)
     return net, ema, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope='module')
+def net():
+    torch.manual_seed(0)
+    return timm.create_model(ARCH, num_classes=10).eval()
+
+
+def train_checkpoint(path: Path, net, **args):
+    """A timm train.py checkpoint whose args carry `args` on top of train.py's own defaults."""
+    defaults = dict(model=ARCH, num_classes=10, model_kwargs={}, img_size=None, input_size=None, in_chans=None,
+                    gp=None, bn_momentum=None, bn_eps=None, mean=None, std=None, crop_pct=None, interpolation='',
+                    pretrained=False, initial_checkpoint='', resume='', drop=0.0, drop_path=None)
+    defaults.update(args)
+    torch.save(dict(epoch=1, arch=ARCH, state_dict=net.state_dict(), args=argparse.Namespace(**defaults)), path)
+    return path
+
+
+def x_input():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
 def train_args(**fields):
@@ -178,6 +203,29 @@ def test_vit_img_size_in_model_kwargs_loads_without_repeating_it(vit64, tmp_path
     assert main(['strip', str(path), '--branch', '1', '--out', str(tmp_path / 'out')]) == 0
 
 
+# --- the caller's arguments, and train.py's arguments that are not the model's ----------------------------------
+def test_explicit_argument_replaces_the_files(net, tmp_path):
+    """An argument the caller passes is the caller's: the file's value for it is not read (escape hatch)."""
+    path = train_checkpoint(tmp_path / 'last.pth.tar', net, model_kwargs={'drop_rate': 'high'})
+    with pytest.raises(UnsafeFileError, match='drop_rate'):
+        load_silanet(path)
+    model = load_silanet(path, drop_rate=0.0)
+    assert torch.equal(model(x_input()), net(x_input()))
+
+
+def test_train_py_top_level_args_never_reach_create_model(net, tmp_path):
+    """train.py's own --pretrained / --initial-checkpoint / --resume in args are not model kwargs: ignored."""
+    path = train_checkpoint(tmp_path / 'last.pth.tar', net, pretrained=True,
+                            initial_checkpoint=str(tmp_path / 'nope.pth'), resume=str(tmp_path / 'nope.pth'),
+                            pretrained_cfg_overlay={'url': 'http://127.0.0.1:9/x'}, interpolation='')
+    before = snapshot(tmp_path)
+    ckpt = read_checkpoint(path)
+    assert ckpt.model_kwargs == {'num_classes': 10} and ckpt.data_config == {}  # '' = the model's default
+    model = load_silanet(ckpt)
+    assert torch.equal(model(x_input()), net(x_input()))
+    assert snapshot(tmp_path) == before
+
+
 # --- what a file claims, against the weights it carries ----------------------------------------------------------
 def _train_file(tmp, net, arch=ARCH, **args):
     path = tmp / 'last.pth.tar'
@@ -296,6 +344,44 @@ def test_timm_errors_on_file_values_are_one_checkpoint_error(nets, tmp_path, rea
     message = str(info.value)
     assert '\n' not in message and fragment in message and f'{key}={value!r}' in message, message
     assert str(path) in message
+
+
+# --- tensors of another dtype kind are refused, not cast ---------------------------------------------------------
+@pytest.mark.parametrize('dtype', [torch.int64, torch.int8, torch.bool, torch.uint8])
+@pytest.mark.parametrize('reader', ['load_stripped', 'load_silanet'])
+def test_integer_weights_refused_not_cast(net, tmp_path, dtype, reader):
+    key = 'base.conv1.0.weight' if reader == 'load_silanet' else 'conv1.0.weight'
+    if reader == 'load_stripped':
+        export = strip(net, 0, tmp_path / 'export')
+        tensors = load_file(str(export / 'model.safetensors'))
+        assert tensors['bn1.num_batches_tracked'].dtype == torch.int64  # integer buffers load fine
+        tensors[key] = tensors[key].to(dtype)
+        save_file(tensors, str(export / 'model.safetensors'))
+        call = lambda: load_stripped(export)  # noqa: E731
+    else:
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+        state[key] = state[key].to(dtype)
+        path = tmp_path / 'state.safetensors'
+        save_file(state, str(path))
+        call = lambda: load_silanet(path, model=ARCH)  # noqa: E731
+    with pytest.raises(CheckpointError, match=rf'dtype kind.*{key}'):
+        call()
+
+
+def test_float_buffer_where_integer_expected_refused(net, tmp_path):
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state['base.bn1.num_batches_tracked'] = state['base.bn1.num_batches_tracked'].float()
+    torch.save(state, tmp_path / 'sd.pth')
+    with pytest.raises(CheckpointError, match='num_batches_tracked'):
+        load_silanet(tmp_path / 'sd.pth', model=ARCH)
+
+
+def test_half_precision_weights_load(net, tmp_path):
+    """fp16 weights are the same kind (floating point): loaded, as torch does."""
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
+    torch.save(state, tmp_path / 'sd.pth')
+    model = load_silanet(tmp_path / 'sd.pth', model=ARCH)
+    assert torch.allclose(model(x_input()), net(x_input()), atol=0.05)
 
 
 # --- compressed storages -------------------------------------------------------------------------------------------

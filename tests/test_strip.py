@@ -306,6 +306,35 @@ def test_output_folder_rules(trained, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith('.timm-sila-tmp-')]
 
 
+# --- a stripped folder that is not whole: the file is named ----------------------------------------------------
+@pytest.fixture(scope='module')
+def net():
+    """timm's 0.4M-parameter test ResNet as a SilaNet (taps layer3, layer1), 10 classes."""
+    torch.manual_seed(0)
+    return timm.create_model('sila_test_resnet', num_classes=10).eval()
+
+
+@pytest.mark.usefixtures('no_network')
+@pytest.mark.parametrize('content', [b'{not json', b'\xff\xfe\x00', b'[]', b'"text"', b''])
+def test_malformed_config_json_names_the_file(net, tmp_path, content):
+    export = strip(net, 0, tmp_path / 'export')
+    (export / 'config.json').write_bytes(content)
+    with pytest.raises(CheckpointError, match='config.json'):
+        load_stripped(export)
+
+
+@pytest.mark.usefixtures('no_network')
+@pytest.mark.parametrize('damage', ['truncated', 'garbage', 'empty', 'header_only'])
+def test_malformed_weights_name_the_file(net, tmp_path, damage):
+    export = strip(net, 0, tmp_path / 'export')
+    weights = export / 'model.safetensors'
+    data = weights.read_bytes()
+    weights.write_bytes({'truncated': data[:len(data) // 2], 'garbage': b'\x08\x00\x00\x00\x00\x00\x00\x00{"a":1}',
+                         'empty': b'', 'header_only': data[:8]}[damage])
+    with pytest.raises(CheckpointError, match='model.safetensors'):
+        load_stripped(export)
+
+
 # --- atomic writes ------------------------------------------------------------------------------------------
 def test_failed_write_leaves_no_partial_files(trained, tmp_path, monkeypatch):
     net, x = trained
