@@ -1,7 +1,16 @@
 """timm_sila.config: SilaConfig (the SilaNet settings, checked once) and the sila_* names."""
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
+import timm
+
+from timm_sila import SilaLoss, SilaNet, sila_cross_entropy, sila_log_probs, sila_set_weights
 from timm_sila.config import SilaConfig, sanitize_file_model_kwargs
+from timm_sila.loss.logits import wrap_sila_logits
+
+NAN, INF = float('nan'), float('inf')
 
 
 @pytest.mark.usefixtures('no_network')
@@ -16,3 +25,38 @@ def test_sila_config_table():
     with pytest.raises(ValueError, match='Unknown SilaNet arguments'):
         SilaConfig.from_kwargs(dict(sila_gamma=1))
     assert sanitize_file_model_kwargs({'img_size': (32, 32), 'drop_rate': None}, 'f') == {'img_size': [32, 32]}
+
+
+# --- non-finite hyper-parameters: ValueError from every entry point ---------------------------------------------
+def _sila_logits():
+    return wrap_sila_logits(torch.zeros(2, 30), 10, 0.1, 0.5)
+
+
+BAD_HPARAMS = {
+    'SilaLoss beta nan': lambda: SilaLoss(10, beta=NAN),
+    'SilaLoss beta inf': lambda: SilaLoss(10, beta=INF),
+    'SilaLoss decay nan': lambda: SilaLoss(10, decay=NAN),
+    'SilaLoss decay -inf': lambda: SilaLoss(10, decay=-INF),
+    'SilaLoss smoothing nan': lambda: SilaLoss(10, smoothing=NAN),
+    'SilaLoss smoothing inf': lambda: SilaLoss(10, smoothing=INF),
+    'SilaLoss beta numpy nan': lambda: SilaLoss(10, beta=np.float32('nan')),
+    'SilaLoss beta string': lambda: SilaLoss(10, beta='0.1'),
+    'SilaLoss beta bool': lambda: SilaLoss(10, beta=True),
+    'SilaLoss weight nan': lambda: SilaLoss(3, weight=torch.tensor([1.0, NAN, 1.0])),
+    'sila_cross_entropy beta nan': lambda: sila_cross_entropy(torch.zeros(2, 30), torch.tensor([0, 1]), 10, beta=NAN),
+    'sila_cross_entropy smoothing nan': lambda: sila_cross_entropy(torch.zeros(2, 30), torch.tensor([0, 1]), 10,
+                                                                   smoothing=NAN),
+    'sila_log_probs decay inf': lambda: sila_log_probs(torch.zeros(2, 30), 10, decay=INF),
+    'sila_set_weights beta nan': lambda: sila_set_weights(3, NAN, 0.5),
+    'F.cross_entropy label_smoothing nan': lambda: F.cross_entropy(_sila_logits(), torch.tensor([0, 1]),
+                                                                   label_smoothing=NAN),
+    'create_model sila_beta nan': lambda: timm.create_model('sila_test_resnet', num_classes=2, sila_beta=NAN),
+    'create_model sila_decay inf': lambda: timm.create_model('sila_test_resnet', num_classes=2, sila_decay=INF),
+    'SilaNet beta inf': lambda: SilaNet('test_resnet', num_classes=2, beta=INF),
+}
+
+
+@pytest.mark.parametrize('make', BAD_HPARAMS.values(), ids=BAD_HPARAMS.keys())
+def test_non_finite_hyperparameters_are_refused(make):
+    with pytest.raises(ValueError, match=r'finite|beta|decay|smoothing|weight'):
+        make()

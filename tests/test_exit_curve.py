@@ -16,6 +16,8 @@ from timm_sila.exits.early_exit import EarlyExit
 from timm_sila.exits.curve import (
     SlowerThanBaseWarning, exit_curve, exit_verdict, format_curve, measure_speedup)
 
+NAN, INF = float('nan'), float('inf')
+
 
 def _loader(seed, n=24, batch=8):
     g = torch.Generator().manual_seed(seed)
@@ -284,3 +286,84 @@ def test_cli_table_ends_with_the_verdict(cannot_pay, tmp_path, capsys):
     verdict = json.loads(capsys.readouterr().out)['verdict']
     assert verdict['pays'] is False and verdict['ship'] == 'base' and verdict['branch'] is None
     assert verdict['message'].startswith('Early exit does not pay')  # its measured ratios differ from run to run
+
+
+# --- bad values: refused by exit_curve, one line with exit status 2 on the command line -------------------------
+@pytest.fixture(scope='module')
+def binary():
+    torch.manual_seed(0)
+    return timm.create_model('sila_test_resnet', num_classes=2).eval()
+
+
+def _binary_loader(n, seed=0, batch=8):
+    g = torch.Generator().manual_seed(seed)
+    data = torch.utils.data.TensorDataset(torch.randn(n, 3, 32, 32, generator=g),
+                                          torch.randint(0, 2, (n,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=batch)
+
+
+BAD_CURVE_ARGS = {
+    'max_drop nan': (dict(max_drop=NAN), 16, 'max_drop'),
+    'max_drop inf': (dict(max_drop=INF), 16, 'max_drop'),
+    'max_drop negative': (dict(max_drop=-1.0), 16, 'max_drop'),
+    'points 0': (dict(points=0), 16, 'points'),
+    'empty calibration set': ({}, 0, 'calibration set is empty'),
+}
+
+
+@pytest.mark.parametrize('kwargs,calib_size,match', BAD_CURVE_ARGS.values(), ids=BAD_CURVE_ARGS.keys())
+def test_exit_curve_bad_values(binary, kwargs, calib_size, match):
+    with pytest.raises(ValueError, match=match):
+        exit_curve(binary, _binary_loader(calib_size), _binary_loader(8, seed=1), timed=0, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def cli_inputs(binary, tmp_path_factory):
+    root = tmp_path_factory.mktemp('cli')
+    g = torch.Generator().manual_seed(0)
+    for split, n in (('val', 4), ('test', 4)):
+        for c in ('a', 'b'):
+            (root / 'data' / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()).save(
+                    root / 'data' / split / c / f'{i}.png')
+    for c in ('a', 'b'):
+        (root / 'data' / 'empty' / c).mkdir(parents=True)
+    save_file(binary.state_dict(), str(root / 'sila.safetensors'))
+    return root
+
+
+BAD_CLI = {
+    '--max-drop nan': ['--max-drop', 'nan'],
+    '--max-drop inf': ['--max-drop', 'inf'],
+    '--calib-limit 0': ['--calib-limit', '0'],
+    '--points 0': ['--points', '0'],
+    '--batch-size 0': ['--batch-size', '0'],
+    'empty calibration set': ['--calib-split', 'empty'],
+    'calibration on the test split': ['--calib-split', 'test'],
+}
+
+
+@pytest.mark.parametrize('extra', BAD_CLI.values(), ids=BAD_CLI.keys())
+def test_exit_curve_cli_bad_values_are_one_line(cli_inputs, extra, capsys):
+    args = ['exit-curve', '--model', 'sila_test_resnet', '--checkpoint', str(cli_inputs / 'sila.safetensors'),
+            '--data-dir', str(cli_inputs / 'data'), '--calib-split', 'val', '--num-classes', '2',
+            '--img-size', '32', '--batch-size', '4', '--json'] + extra
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ''
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and 'error' in lines[0], captured.err
+
+
+def test_exit_curve_cli_progress_and_warnings_stay_off_stdout(cli_inputs, capsys):
+    args = ['exit-curve', '--model', 'sila_test_resnet', '--checkpoint', str(cli_inputs / 'sila.safetensors'),
+            '--data-dir', str(cli_inputs / 'data'), '--calib-split', 'val', '--num-classes', '2',
+            '--img-size', '32', '--batch-size', '4', '--points', '3', '--json']
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert len(result['rows']) <= 3 and sum(r['chosen'] for r in result['rows']) == 1
+    assert 'exit-curve: calibration logits: 2/2 batches (8 images)' in captured.err
+    assert all(line.startswith(('exit-curve:', 'timm-sila exit-curve: warning:')) for line in
+               captured.err.strip().splitlines()), captured.err
