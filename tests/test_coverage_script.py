@@ -131,24 +131,6 @@ def test_outcome_tells_clear_plugin_errors_from_failures(tmp_path):
     assert 'resnet_does_not_exist' in rec['reason']
 
 
-def test_taps_skip_stages_that_end_with_the_final_one():
-    # CoaT-tiny's feature_info stages 1-3 all come out of its parallel blocks, as deep as the final stage: an exit
-    # there would run the whole backbone, so they are no taps (and the one-line error says how many sets fit)
-    with pytest.raises(ValueError, match='only 1 stages that end before its final one. Use sets <= 2'):
-        timm.create_model('sila_coat_tiny', num_classes=10, img_size=32)
-    net = timm.create_model('sila_coat_tiny', num_classes=10, img_size=32, sila_sets=2)
-    assert net.taps == ['serial_blocks1']
-    assert net.stages[0].depth < net.stages[1].depth == net.stages[-1].depth  # found by hooking its blocks
-
-
-def test_depth_by_stop_early_when_feature_info_names_no_modules():
-    # HRNet's feature_info module names are not its modules; depths come from forward_intermediates(stop_early)
-    net = timm.create_model('sila_hrnet_w18_small', num_classes=10)
-    depths = [s.depth for s in net.stages]
-    assert depths[0] == 1 and all(a < b for a, b in zip(depths, depths[1:])) and depths[-1] < net.total_depth
-    assert net.taps == ['stage1', 'stem']
-
-
 # --- the report and the records -----------------------------------------------------------------------------------
 def test_coverage_report_only_without_results_refuses_and_keeps_the_report(tmp_path):
     doc = REPO / 'docs' / 'coverage.md'
