@@ -73,9 +73,10 @@ def branch_logits(net, x: torch.Tensor, branch: int) -> torch.Tensor:
         net.branch = old
 
 
-@pytest.fixture
-def tmp_out(tmp_path):
-    return tmp_path / 'out'
+def eval_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A model's logits in eval mode, without gradients."""
+    with torch.no_grad():
+        return model.eval()(x)
 
 
 # For scripts the tests run in a fresh interpreter: this process's own peak resident memory in MB. VmHWM belongs to

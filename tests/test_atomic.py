@@ -23,13 +23,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 import timm
 from safetensors.torch import save_file
 
 import timm_sila.io.atomic as atomic
 import timm_sila.ship.strip as shipping
-from timm_sila import load_stripped, strip
+from conftest import branch_logits, build_sila, eval_logits, randomize_bn
+from timm_sila import SilaNet, load_stripped, strip
 from timm_sila.io.atomic import (
     MANIFEST_NAME, MARKER_NAME, TMP_PREFIX, ForeignFilesError, OutputBusyError, OutputExistsError, OutputWriteError,
     SourceInOutputError, atomic_output_dir, atomic_write_file, check_output_dir, read_manifest)
@@ -867,3 +869,70 @@ def test_path_not_valid_utf8_works_fully(net, tmp_path):
     with pytest.raises(OutputExistsError) as info:
         strip(path, 1, out)
     assert os.fsdecode(b'runs-\xff\xfe') in str(info.value)
+
+
+# --- strip: a failed, refused or killed write leaves no model files --------------------------------------------
+@pytest.fixture(scope='module')
+def trained():
+    """sila_resnet18 with BN statistics as after training, and an input batch."""
+    net, _ = build_sila('resnet18')
+    return randomize_bn(net, seed=1).eval(), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+def test_failed_write_leaves_no_partial_files(trained, tmp_path, monkeypatch):
+    net, x = trained
+    real = shipping.save_file
+
+    def disk_full(tensors, filename, *args, **kwargs):
+        with open(filename, 'wb') as f:
+            f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00{"partial')
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(shipping, 'save_file', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+        strip(net, 0, tmp_path / 'new')
+    assert not (tmp_path / 'new').exists()
+
+    old = tmp_path / 'old'
+    monkeypatch.setattr(shipping, 'save_file', real)
+    strip(net, 0, old)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    monkeypatch.setattr(shipping, 'save_file', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+        strip(net, 2, old, overwrite=True)
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before  # the previous export is untouched
+    assert torch.equal(eval_logits(load_stripped(old), x), branch_logits(net, x, 0))
+
+
+def test_config_serialization_failure_leaves_nothing(tmp_path):
+    base = timm.create_model('resnet18', num_classes=10, act_layer=nn.ReLU)  # a class: not JSON
+    net = SilaNet(base, num_classes=10)
+    with pytest.raises(ValueError, match='not serializable'):
+        strip(net, 0, tmp_path / 'out')  # safetensors was already written in the temp folder
+    assert not (tmp_path / 'out').exists()
+
+
+KILLED_WRITER = r'''
+import importlib, os, signal, sys, timm, timm_sila
+S = importlib.import_module('timm_sila.ship.strip')
+def killed(tensors, filename, *args, **kwargs):
+    with open(filename, 'wb') as f:
+        f.write(b'partial bytes')
+        f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+S.save_file = killed
+timm_sila.strip(timm.create_model('sila_resnet18', num_classes=10), 0, sys.argv[1])
+'''
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGKILL')
+def test_killed_writer_leaves_no_model_files(trained, tmp_path):
+    net, x = trained
+    out = tmp_path / 'out'
+    run = subprocess.run([sys.executable, '-c', KILLED_WRITER, str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == -9, run.stderr
+    assert not (out / 'model.safetensors').exists() and not (out / 'config.json').exists()
+    strip(net, 0, out)  # leftovers of the killed writer neither block nor survive a new export
+    assert sorted(p.name for p in out.iterdir()) == EXPORT
+    assert torch.equal(eval_logits(load_stripped(out), x), branch_logits(net, x, 0))
