@@ -1,11 +1,16 @@
+"""What several test files share: models built once per session, the files the commands read (an image folder, a
+timm train.py checkpoint), a tree snapshot, and the no-network fixture."""
+import argparse
 import copy
 import errno
 import functools
 import socket
 from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
 
 import pytest
 import torch
+from PIL import Image
 
 import timm
 import timm_sila  # noqa: F401  registers sila_* names
@@ -115,3 +120,86 @@ def no_network(monkeypatch, tmp_path):
     monkeypatch.setenv('HF_HUB_OFFLINE', '0')
     yield attempts
     assert attempts == [], f'network access attempted: {attempts}'
+
+
+# --- the files commands read: an image folder, a timm train.py checkpoint -----------------------------------------
+def image_folder(root: Path, classes: Union[int, Sequence[str]] = 2, n: Union[int, Mapping[str, int]] = 3,
+                 splits: Optional[Sequence[str]] = ('test',), size: int = 32, seed: int = 0) -> Path:
+    """An ImageFolder tree of random RGB PNG images (lossless: a reader gets these pixels back exactly):
+    root/<split>/<class>/<i>.png for each split, or root/<class>/<i>.png when `splits` is None. `classes`: a count
+    (folders c0, c1, ...) or the folder names; `n`: images per class, or {class: count}. One generator seeded `seed`
+    draws every pixel, split by split, class by class. Returns root."""
+    g = torch.Generator().manual_seed(seed)
+    names = [f'c{i}' for i in range(classes)] if isinstance(classes, int) else list(classes)
+    for split in [None] if splits is None else splits:
+        top = root if split is None else root / split
+        for name in names:
+            (top / name).mkdir(parents=True)
+            for i in range(n[name] if isinstance(n, Mapping) else n):
+                pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(top / name / f'{i}.png')
+    return root
+
+
+# vars(parser.parse_args([])) of timm 1.0's train.py (the values a checkpoint's `args` carries unless set), plus
+# what train.py adds after parsing. Data config defaults: interpolation='', mean/std/crop_pct/input_size/img_size/
+# in_chans None.
+TRAIN_PY_DEFAULTS = dict(
+    data=None, data_dir=None, dataset='', train_split='train', val_split='validation', train_num_samples=None,
+    val_num_samples=None, dataset_download=False, class_map='', input_img_mode=None, input_key=None, target_key=None,
+    dataset_trust_remote_code=False, model='resnet50', pretrained=False, pretrained_path=None, initial_checkpoint='',
+    resume='', no_resume_opt=False, num_classes=None, gp=None, img_size=None, in_chans=None, input_size=None,
+    crop_pct=None, mean=None, std=None, interpolation='', batch_size=128, validation_batch_size=None,
+    channels_last=False, fuser='', grad_accum_steps=1, grad_checkpointing=False, fast_norm=False, model_kwargs={},
+    head_init_scale=None, head_init_bias=None, torchcompile_mode=None, torchscript=False, torchcompile=None,
+    device='cuda', amp=False, amp_dtype='float16', model_dtype=None, no_ddp_bb=False, synchronize_step=False,
+    local_rank=0, device_modules=None, opt='sgd', opt_eps=None, opt_betas=None, momentum=0.9, weight_decay=2e-05,
+    clip_grad=None, clip_mode='norm', layer_decay=None, layer_decay_min_scale=0, layer_decay_no_opt_scale=None,
+    opt_kwargs={}, sched='cosine', sched_on_updates=False, lr=None, lr_base=0.1, lr_base_size=256, lr_base_scale='',
+    lr_noise=None, lr_noise_pct=0.67, lr_noise_std=1.0, lr_cycle_mul=1.0, lr_cycle_decay=0.5, lr_cycle_limit=1,
+    lr_k_decay=1.0, warmup_lr=1e-05, min_lr=0, epochs=300, epoch_repeats=0.0, start_epoch=None,
+    decay_milestones=[90, 180, 270], decay_epochs=90, warmup_epochs=5, warmup_prefix=False, cooldown_epochs=0,
+    patience_epochs=10, decay_rate=0.1, no_aug=False, train_crop_mode=None, scale=[0.08, 1.0],
+    ratio=[0.75, 1.3333333333333333], hflip=0.5, vflip=0.0, color_jitter=0.4, color_jitter_prob=None,
+    grayscale_prob=None, gaussian_blur_prob=None, aa=None, aug_repeats=0, aug_splits=0, jsd_loss=False,
+    bce_loss=False, bce_sum=False, bce_target_thresh=None, bce_pos_weight=None, reprob=0.0, remode='pixel',
+    recount=1, resplit=False, mixup=0.0, cutmix=0.0, cutmix_minmax=None, mixup_prob=1.0, mixup_switch_prob=0.5,
+    mixup_mode='batch', mixup_off_epoch=0, smoothing=0.1, train_interpolation='random', drop=0.0,
+    drop_connect=None, drop_path=None, drop_block=None, bn_momentum=None, bn_eps=None, sync_bn=False,
+    dist_bn='reduce', split_bn=False, model_ema=False, model_ema_force_cpu=False, model_ema_decay=0.9998,
+    model_ema_warmup=False, seed=42, worker_seeding='all', log_interval=50, val_interval=1, recovery_interval=0,
+    checkpoint_hist=10, workers=4, save_images=False, pin_mem=False, no_prefetcher=False, output='', experiment='',
+    eval_metric='top1', tta=0, use_multi_epochs_loader=False, log_wandb=False, wandb_project=None, wandb_tags=[],
+    wandb_resume_id='', train_img_sizes=None, train_batch_sizes=None, train_size_probs=None,
+    train_size_schedule='constant', train_size_schedule_spread=0.65, train_size_random_mix=0.1,
+    train_batches_per_epoch=None, variable_batch_loss_scale='none', naflex_loader=False,
+    naflex_train_seq_lens=[128, 256, 576, 784, 1024], naflex_max_seq_len=576, naflex_patch_sizes=None,
+    naflex_patch_size_probs=None, naflex_loss_scale='linear', naflex_patchify_channels_first=False,
+    kd_model_name=None, kd_distill_type='logit', kd_loss_type='kl', distill_loss_weight=None, task_loss_weight=None,
+    kd_temperature=4.0, kd_student_feature_dim=None, kd_teacher_feature_dim=None, kd_token_distill_type='soft',
+    # set by train.py after parsing
+    prefetcher=True, distributed=False, world_size=1, rank=0,
+)
+
+
+def train_py_args(**fields) -> argparse.Namespace:
+    """The `args` timm's train.py saves in a checkpoint: every argument at its default, `fields` on top."""
+    return argparse.Namespace(**copy.deepcopy(dict(TRAIN_PY_DEFAULTS, **fields)))
+
+
+def train_py_checkpoint(path: Path, net: torch.nn.Module, arch: str, *, ema: Optional[torch.nn.Module] = None,
+                        args_as_dict: bool = False, with_args: bool = True, entries: Optional[dict] = None,
+                        **fields) -> Path:
+    """`net` saved as timm's train.py saves a checkpoint: {'epoch', 'arch': arch, 'state_dict', 'version', 'args'}.
+    args: train_py_args with model=arch, num_classes=net.num_classes and `fields` on top (a dict with `args_as_dict`,
+    as scripts that save vars(args) write it; left out without `with_args`); 'state_dict_ema' from `ema`; then
+    `entries`, other top-level keys or replacements. Returns path."""
+    args = train_py_args(**dict(dict(model=arch, num_classes=net.num_classes), **fields))
+    ckpt = dict(epoch=1, arch=arch, state_dict=net.state_dict(), version=2)
+    if with_args:
+        ckpt['args'] = vars(args) if args_as_dict else args
+    if ema is not None:
+        ckpt['state_dict_ema'] = ema.state_dict()
+    ckpt.update(entries or {})
+    torch.save(ckpt, path)
+    return Path(path)

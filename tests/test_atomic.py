@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 import timm_sila.io.atomic as atomic
 import timm_sila.ship.strip as shipping
-from conftest import branch_logits, build_sila, eval_logits, randomize_bn
+from conftest import branch_logits, build_sila, eval_logits, image_folder, randomize_bn
 from timm_sila import SilaNet, load_stripped, strip
 from timm_sila.io.atomic import (
     MANIFEST_NAME, MARKER_NAME, TMP_PREFIX, ForeignFilesError, OutputBusyError, OutputExistsError, OutputWriteError,
@@ -63,16 +63,9 @@ def train_checkpoint(path: Path, net) -> Path:
 @pytest.fixture(scope='module')
 def inputs(tmp_path_factory, net):
     """A checkpoint and an image folder (test, val) that the commands read."""
-    from PIL import Image
     root = tmp_path_factory.mktemp('given')
     train_checkpoint(root / 'ckpt.pth.tar', net)
-    g = torch.Generator().manual_seed(0)
-    for split in ('test', 'val'):
-        for c in range(2):
-            (root / 'data' / split / f'c{c}').mkdir(parents=True)
-            for i in range(2):
-                px = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
-                Image.fromarray(px).save(root / 'data' / split / f'c{c}' / f'{i}.png')
+    image_folder(root / 'data', n=2, splits=('test', 'val'))
     return root
 
 

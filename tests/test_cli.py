@@ -21,7 +21,7 @@ import torch
 
 import timm
 
-from conftest import snapshot
+from conftest import image_folder, snapshot
 from timm_sila import load_stripped
 from timm_sila_cli import main
 
@@ -191,17 +191,6 @@ def test_console_script(tmp_path):
 
 
 # --- bad input: one line, exit status 2, nothing written ---------------------------------------------------------
-def _image_folder(root: Path, splits=('test', 'val'), classes=2, n=3):
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    for split in splits:
-        for c in range(classes):
-            (root / split / f'c{c}').mkdir(parents=True)
-            for i in range(n):
-                px = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
-                Image.fromarray(px).save(root / split / f'c{c}' / f'{i}.png')
-
-
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):
     """A folder (readable by everyone, for the permission checks) with a train.py-style checkpoint, an image
@@ -213,7 +202,7 @@ def work(tmp_path_factory):
     args = dict(model='sila_resnet18', num_classes=2, model_kwargs={}, img_size=32, interpolation='')
     torch.save(dict(arch='sila_resnet18', state_dict=net.state_dict(), args=args), root / 'ckpt.pth.tar')
     os.chmod(root / 'ckpt.pth.tar', 0o644)
-    _image_folder(root / 'data')
+    image_folder(root / 'data', splits=('test', 'val'))
     (root / 'data' / 'empty' / 'c0').mkdir(parents=True)
     (root / 'data' / 'empty' / 'c1').mkdir()
     (root / 'existing').mkdir()

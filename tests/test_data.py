@@ -25,7 +25,7 @@ from PIL import Image
 import timm
 from timm.data import create_transform
 
-from conftest import PEAK_RSS_MB
+from conftest import PEAK_RSS_MB, image_folder
 from timm_sila.data.folder import (ImageFolderDataset, ImageFolderError, ImageReadError, class_names_from_config,
                             image_loader, image_mode)
 from timm_sila.measure.evaluate import evaluate
@@ -39,14 +39,6 @@ def _png(path: Path, seed: int, mode: str = 'RGB', size: int = 32) -> None:
     g = torch.Generator().manual_seed(seed)
     shape = (size, size, 3) if mode == 'RGB' else (size, size)
     Image.fromarray(torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).numpy()).save(path)
-
-
-def _folder(root: Path, classes=('c0', 'c1'), n: int = 3) -> Path:
-    for i, c in enumerate(classes):
-        (root / c).mkdir(parents=True)
-        for j in range(n):
-            _png(root / c / f'{j}.png', seed=10 * i + j)
-    return root
 
 
 def _bomb_png(path: Path, side: int = 15000) -> None:
@@ -77,13 +69,13 @@ def _socket(path: Path):
 
 def test_classes_and_order_are_torchvisions(tmp_path):
     from torchvision.datasets import ImageFolder
-    root = _folder(tmp_path / 'split', classes=('b', 'a', 'B'))
+    root = image_folder(tmp_path / 'split', classes=('b', 'a', 'B'), splits=None)
     (root / 'a' / 'deeper' / 'z').mkdir(parents=True)
     _png(root / 'a' / 'deeper' / 'z' / 'Q.JPG', 1)
     _png(root / 'a' / 'deeper' / '7.Png', 2)
     (root / 'a' / 'notes.txt').write_text('not an image')
     (root / 'empty').mkdir()  # a class without images keeps its index
-    elsewhere = _folder(tmp_path / 'elsewhere', classes=('d',))
+    elsewhere = image_folder(tmp_path / 'elsewhere', classes=('d',), splits=None)
     (root / 'd').symlink_to(elsewhere / 'd', target_is_directory=True)  # a class folder may be a link
     ours = ImageFolderDataset(root)
     theirs = ImageFolder(str(root), allow_empty=True)
@@ -137,7 +129,7 @@ REFUSED = [
 
 @pytest.mark.parametrize('change,named', [c[1:] for c in SKIPPED], ids=[c[0] for c in SKIPPED])
 def test_entries_that_are_not_regular_files_are_skipped_with_one_warning(tmp_path, change, named):
-    root = _folder(tmp_path / 'split')
+    root = image_folder(tmp_path / 'split', splits=None)
     keep = change(root)
     with pytest.warns(UserWarning) as caught:
         started = time.monotonic()
@@ -152,7 +144,7 @@ def test_entries_that_are_not_regular_files_are_skipped_with_one_warning(tmp_pat
 
 @pytest.mark.parametrize('change,named', [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
 def test_loops_duplicates_and_empty_folders_are_refused_naming_the_path(tmp_path, change, named):
-    root = _folder(tmp_path / 'split')
+    root = image_folder(tmp_path / 'split', splits=None)
     change(root)
     with pytest.raises(ImageFolderError) as err:
         ImageFolderDataset(root)
@@ -176,7 +168,7 @@ CLASS_CASES = [  # (id, extra folders, num_classes, class_names, error fragment 
 @pytest.mark.parametrize('extra,num_classes,names,error', [c[1:] for c in CLASS_CASES],
                          ids=[c[0] for c in CLASS_CASES])
 def test_class_folders_are_checked_against_the_model(tmp_path, extra, num_classes, names, error):
-    root = _folder(tmp_path / 'split')
+    root = image_folder(tmp_path / 'split', splits=None)
     for name in extra:
         (root / name).mkdir()
     if error is None:
@@ -222,7 +214,7 @@ BAD_IMAGES = [  # (id, how c1/1.png is spoiled after the folder was read, what t
 @pytest.mark.parametrize('spoil,fragment', [c[1:] for c in BAD_IMAGES], ids=[c[0] for c in BAD_IMAGES])
 @pytest.mark.parametrize('workers', [0, 2])
 def test_an_image_that_cannot_be_read_is_one_line_naming_it(tmp_path, spoil, fragment, workers):
-    root = _folder(tmp_path / 'split')
+    root = image_folder(tmp_path / 'split', splits=None)
     dataset = ImageFolderDataset(root, transform=create_transform(input_size=(3, 32, 32), crop_pct=1.0))
     bad = root / 'c1' / '1.png'
     spoil(bad)
@@ -318,7 +310,7 @@ CLI_CASES = [  # (id, change to DIR/test (c0, c1 with 3 images each), extra argv
 
 @pytest.mark.parametrize('change,argv,fragment', [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
 def test_cli_bad_folder_is_one_line_exit_2(ckpt, tmp_path, capfd, change, argv, fragment):
-    change(_folder(tmp_path / 'data' / 'test'))
+    change(image_folder(tmp_path / 'data' / 'test', splits=None))
     rc = main(['eval', '--model', 'sila_test_resnet', '--checkpoint', str(ckpt), '--data-dir', str(tmp_path / 'data'),
                '--no-progress'] + (argv or ['--workers', '0']))
     captured = capfd.readouterr()
@@ -335,7 +327,7 @@ def test_cli_eval_checks_the_class_names_a_stripped_folder_records(tmp_path, cap
     folder = strip(timm.create_model('sila_test_resnet', num_classes=2), 0, tmp_path / 'b0', img_size=32)
     config = json.loads((folder / 'config.json').read_text())
     (folder / 'config.json').write_text(json.dumps(dict(config, label_names=names)))  # as timm's hub config holds them
-    _folder(tmp_path / 'data' / 'test')
+    image_folder(tmp_path / 'data' / 'test', splits=None)
     rc = main(['eval', '--model', f'local-dir:{folder}', '--data-dir', str(tmp_path / 'data'), '--workers', '0',
                '--json'])
     captured = capfd.readouterr()
@@ -358,7 +350,7 @@ print(f"rc={rc} seconds={time.monotonic() - started:.2f} "
 
 
 def test_cli_fifo_named_like_an_image_is_skipped_not_waited_on(ckpt, tmp_path):
-    root = _folder(tmp_path / 'data' / 'test')
+    root = image_folder(tmp_path / 'data' / 'test', splits=None)
     os.mkfifo(root / 'c0' / 'x.png')
     run = subprocess.run([sys.executable, '-c', _DRIVER, 'eval', '--model', 'sila_test_resnet', '--checkpoint',
                           str(ckpt), '--data-dir', str(tmp_path / 'data'), '--workers', '0', '--json'],

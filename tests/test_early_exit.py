@@ -5,14 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import timm
 from safetensors.torch import load_file, save_file
 
 from timm_sila.config import CheckpointError
 from timm_sila.exits.early_exit import EarlyExit
-from timm_sila.exits.calibration import calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
 
 NAN, INF = float('nan'), float('inf')
 

@@ -13,7 +13,7 @@ from timm_sila.measure.evaluate import evaluate, format_eval
 from timm_sila.measure.sizes import count_params
 from timm_sila_cli import main
 
-from conftest import build_sila
+from conftest import build_sila, image_folder
 
 
 def _data(n=45, num_classes=10, seed=3):
@@ -102,17 +102,6 @@ def test_topk_capped_by_classes_and_empty_loader():
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
-def _image_folder(root, n_per_class=4, classes=3, size=32, splits=('test',)):
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    for split in splits:
-        for c in range(classes):
-            (root / split / f'class{c}').mkdir(parents=True)
-            for i in range(n_per_class):
-                arr = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
-                Image.fromarray(arr).save(root / split / f'class{c}' / f'{i}.png')  # lossless
-
-
 def _cli(argv):
     """`timm-sila ARGV --debug`: the exit status, or the exception a bad input raises."""
     return main(argv + ['--debug'])
@@ -122,7 +111,7 @@ def _cli(argv):
 def trained(tmp_path_factory):
     """A sila_resnet18 (3 classes) saved as train_cifar.py / timm train.py save it, and its image folder."""
     root = tmp_path_factory.mktemp('evalcli')
-    _image_folder(root)
+    image_folder(root, classes=3, n=4)
     torch.manual_seed(1)
     net = timm.create_model('sila_resnet18', num_classes=3).eval()
     mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
@@ -228,7 +217,7 @@ TRAIN_PY_DEFAULTS = dict(
 @pytest.fixture(scope='module')
 def trainpy_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp('trainpy')
-    _image_folder(root, n_per_class=3, splits=('validation', 'test'))
+    image_folder(root, classes=3, n=3, splits=('validation', 'test'))
     return root
 
 

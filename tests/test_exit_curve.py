@@ -4,14 +4,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 import timm
 from safetensors.torch import save_file
 
+from conftest import image_folder
 from timm_sila.cli import main
-from timm_sila.exits.calibration import TEMPERATURE_BOUNDS, calibrate_temperatures, simulate_exits
+from timm_sila.exits.calibration import TEMPERATURE_BOUNDS, simulate_exits
 from timm_sila.exits.early_exit import EarlyExit
 from timm_sila.exits.curve import (
     SlowerThanBaseWarning, exit_curve, exit_verdict, format_curve, measure_speedup)
@@ -49,18 +48,8 @@ def test_curve_rows_and_calibration_only_thresholds(model):
                            a['segment_macs'])['compute'], rel=1e-6)
 
 
-def _image_folder(root, n=6):
-    g = torch.Generator().manual_seed(0)
-    for split in ('val', 'test'):
-        for c in ('a', 'b'):
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                px = (torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()
-                Image.fromarray(px).save(root / split / c / f'{i}.png')
-
-
 def test_cli_end_to_end(tmp_path, capsys):
-    _image_folder(tmp_path / 'data')
+    image_folder(tmp_path / 'data', classes=('a', 'b'), n=6, splits=('val', 'test'))
     torch.manual_seed(0)
     model = timm.create_model('sila_resnet18', num_classes=2)
     save_file(model.state_dict(), str(tmp_path / 'sila.safetensors'))
@@ -256,12 +245,7 @@ def test_measure_speedup_contract(cannot_pay):
 
 def test_cli_table_ends_with_the_verdict(cannot_pay, tmp_path, capsys):
     """One image of class a for five of class b: the base head (always b) is right on 5/6, every exit (a) on 1/6."""
-    for split in ('val', 'test'):
-        for c, n in (('a', 1), ('b', 5)):
-            (tmp_path / 'data' / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(
-                    tmp_path / 'data' / split / c / f'{i}.png')
+    image_folder(tmp_path / 'data', classes=('a', 'b'), n={'a': 1, 'b': 5}, splits=('val', 'test'))
     save_file(cannot_pay.state_dict(), str(tmp_path / 'sila.safetensors'))
     args = ['exit-curve', '--model', 'sila_test_resnet', '--checkpoint', str(tmp_path / 'sila.safetensors'),
             '--data-dir', str(tmp_path / 'data'), '--calib-split', 'val', '--num-classes', '2', '--img-size', '32',
@@ -309,13 +293,7 @@ def test_exit_curve_bad_values(binary, kwargs, calib_size, match):
 @pytest.fixture(scope='module')
 def cli_inputs(binary, tmp_path_factory):
     root = tmp_path_factory.mktemp('cli')
-    g = torch.Generator().manual_seed(0)
-    for split, n in (('val', 4), ('test', 4)):
-        for c in ('a', 'b'):
-            (root / 'data' / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()).save(
-                    root / 'data' / split / c / f'{i}.png')
+    image_folder(root / 'data', classes=('a', 'b'), n=4, splits=('val', 'test'))
     for c in ('a', 'b'):
         (root / 'data' / 'empty' / c).mkdir(parents=True)
     save_file(binary.state_dict(), str(root / 'sila.safetensors'))

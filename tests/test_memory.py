@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import timm
-from conftest import PEAK_RSS_MB
+from conftest import PEAK_RSS_MB, image_folder
 from timm_sila.measure.sizes import MemoryBoundError, available_memory, batch_memory, check_batch_fits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,17 +92,13 @@ def test_available_memory_is_read_from_the_system():
 
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):
-    """A SilaNet checkpoint, an image folder and a stripped folder: what the four commands read."""
-    from PIL import Image
+    """A SilaNet checkpoint and an image folder (val, test): what the commands read."""
     root = tmp_path_factory.mktemp('bounds')
     torch.manual_seed(0)
     net = timm.create_model('sila_test_resnet', num_classes=2)
     torch.save(dict(arch='sila_test_resnet', state_dict=net.state_dict(),
                     args=dict(model='sila_test_resnet', num_classes=2, img_size=32)), root / 'ckpt.pth.tar')
-    for split in ('val', 'test'):
-        for c in ('a', 'b'):
-            (root / 'data' / split / c).mkdir(parents=True)
-            Image.new('RGB', (32, 32)).save(root / 'data' / split / c / '0.png')
+    image_folder(root / 'data', classes=('a', 'b'), n=1, splits=('val', 'test'))
     return root
 
 

@@ -29,7 +29,7 @@ import timm
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import PEAK_RSS_MB, snapshot
+from conftest import PEAK_RSS_MB, image_folder, snapshot
 from timm_sila import load_stripped, strip
 from timm_sila.io.checkpoint import load_silanet, read_checkpoint
 from timm_sila.config import (
@@ -466,9 +466,7 @@ CASES = [
 def hostile_runs(tmp_path_factory):
     """Every case of CASES run in one fresh Python process; {case id: what the runner recorded}."""
     work = tmp_path_factory.mktemp('hostile')
-    (work / 'data' / 'test' / 'c0').mkdir(parents=True)
-    from PIL import Image
-    Image.new('RGB', (32, 32)).save(work / 'data' / 'test' / 'c0' / '0.png')
+    image_folder(work / 'data', classes=1, n=1)
     torch.manual_seed(0)
     resnet = timm.create_model('sila_test_resnet', num_classes=10).eval()
     vit = timm.create_model('sila_test_vit', num_classes=10, img_size=32).eval()
