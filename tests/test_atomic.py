@@ -8,7 +8,6 @@ EarlyExit.save, write_model_card and exit-curve --save / --png.
    failed write, two writers at once.
 Each refusal is one line (CLI: exit status 2), leaves the existing files' bytes as they were and no temp file.
 """
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -30,7 +29,7 @@ from safetensors.torch import save_file
 
 import timm_sila.io.atomic as atomic
 import timm_sila.ship.strip as shipping
-from conftest import branch_logits, build_sila, eval_logits, image_folder, randomize_bn
+from conftest import branch_logits, build_sila, eval_logits, image_folder, randomize_bn, train_py_checkpoint
 from timm_sila import SilaNet, load_stripped, strip
 from timm_sila.io.atomic import (
     MANIFEST_NAME, MARKER_NAME, TMP_PREFIX, ForeignFilesError, OutputBusyError, OutputExistsError, OutputWriteError,
@@ -52,19 +51,11 @@ def net():
     return timm.create_model(ARCH, num_classes=2).eval()
 
 
-def train_checkpoint(path: Path, net) -> Path:
-    """A timm train.py checkpoint of `net` (32x32 inputs)."""
-    args = argparse.Namespace(model=ARCH, num_classes=2, model_kwargs={}, img_size=32, input_size=None,
-                              in_chans=None, mean=None, std=None, crop_pct=None, interpolation='')
-    torch.save(dict(epoch=1, arch=ARCH, state_dict=net.state_dict(), args=args), path)
-    return path
-
-
 @pytest.fixture(scope='module')
 def inputs(tmp_path_factory, net):
     """A checkpoint and an image folder (test, val) that the commands read."""
     root = tmp_path_factory.mktemp('given')
-    train_checkpoint(root / 'ckpt.pth.tar', net)
+    train_py_checkpoint(root / 'ckpt.pth.tar', net, ARCH, img_size=32)
     image_folder(root / 'data', n=2, splits=('test', 'val'))
     return root
 
@@ -612,19 +603,19 @@ def test_source_inside_output_refused(net, tmp_path, where):
     out = tmp_path / 'out'
     strip(net, 2, out)  # a previous export
     if where == 'inside':
-        source = train_checkpoint(out / 'last.pth.tar', net)
+        source = train_py_checkpoint(out / 'last.pth.tar', net, ARCH, img_size=32)
     elif where == 'nested':
         (out / 'runs').mkdir()
-        source = train_checkpoint(out / 'runs' / 'last.pth.tar', net)
+        source = train_py_checkpoint(out / 'runs' / 'last.pth.tar', net, ARCH, img_size=32)
     elif where == 'is_weights_file':
         save_file(net.state_dict(), str(out / 'full.safetensors'))
         os.replace(out / 'full.safetensors', out / 'model.safetensors')
         source = out / 'model.safetensors'
     elif where == 'is_out_dir':
-        source = train_checkpoint(tmp_path / 'last.pth.tar', net)
+        source = train_py_checkpoint(tmp_path / 'last.pth.tar', net, ARCH, img_size=32)
         out = source
     else:
-        train_checkpoint(out / 'last.pth.tar', net)
+        train_py_checkpoint(out / 'last.pth.tar', net, ARCH, img_size=32)
         (tmp_path / 'link').symlink_to(out)
         source, out = tmp_path / 'link' / 'last.pth.tar', out
     before = tree(tmp_path)
@@ -855,7 +846,7 @@ def test_without_hard_links_the_last_step_still_never_replaces(tmp_path, net, mo
 @pytest.mark.skipif(sys.platform != 'linux', reason='bytes file names')
 def test_path_not_valid_utf8_works_fully(net, tmp_path):
     folder = tmp_path / os.fsdecode(b'runs-\xff\xfe')
-    path = train_checkpoint(folder.parent / os.fsdecode(b'last-\xff.pth.tar'), net)
+    path = train_py_checkpoint(folder.parent / os.fsdecode(b'last-\xff.pth.tar'), net, ARCH, img_size=32)
     out = strip(path, 1, folder / 'export')
     assert sorted(p.name for p in out.iterdir()) == EXPORT
     assert load_stripped(out).branch == 1

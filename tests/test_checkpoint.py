@@ -11,7 +11,6 @@ import io
 import json
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ import torch
 import timm
 from safetensors.torch import load_file, save_file
 
-from conftest import snapshot
+from conftest import snapshot, train_py_args, train_py_checkpoint
 
 from timm_sila import load_stripped, strip
 from timm_sila.io.checkpoint import build_checked, load_silanet, read_checkpoint
@@ -51,27 +50,13 @@ def net():
     return timm.create_model(ARCH, num_classes=10).eval()
 
 
-def train_checkpoint(path: Path, net, **args):
-    """A timm train.py checkpoint whose args carry `args` on top of train.py's own defaults."""
-    defaults = dict(model=ARCH, num_classes=10, model_kwargs={}, img_size=None, input_size=None, in_chans=None,
-                    gp=None, bn_momentum=None, bn_eps=None, mean=None, std=None, crop_pct=None, interpolation='',
-                    pretrained=False, initial_checkpoint='', resume='', drop=0.0, drop_path=None)
-    defaults.update(args)
-    torch.save(dict(epoch=1, arch=ARCH, state_dict=net.state_dict(), args=argparse.Namespace(**defaults)), path)
-    return path
-
-
 def x_input():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
 def train_args(**fields):
-    """timm train.py's args (the fields timm-sila reads, at train.py's defaults)."""
-    args = dict(model=ARCH, num_classes=10, model_kwargs={'sila_taps': TAPS}, img_size=None, input_size=None,
-                in_chans=None, gp=None, bn_momentum=None, bn_eps=None, mean=None, std=None, crop_pct=None,
-                interpolation='', pretrained=False)
-    args.update(fields)
-    return argparse.Namespace(**args)
+    """timm train.py's args for a SilaNet with TAPS (train.py's defaults, `fields` on top)."""
+    return train_py_args(**dict(dict(model=ARCH, num_classes=10, model_kwargs={'sila_taps': TAPS}), **fields))
 
 
 def deit_args(**fields):
@@ -188,8 +173,7 @@ def vit64(tmp_path_factory):
     torch.manual_seed(0)
     net = timm.create_model('sila_test_vit', num_classes=10, img_size=64).eval()
     path = tmp_path_factory.mktemp('vit') / 'last.pth.tar'
-    torch.save({'arch': 'sila_test_vit', 'state_dict': net.state_dict(),
-                'args': train_args(model='sila_test_vit', model_kwargs={'img_size': 64}, img_size=64)}, path)
+    train_py_checkpoint(path, net, 'sila_test_vit', model_kwargs={'img_size': 64}, img_size=64)
     return net, path
 
 
@@ -206,7 +190,7 @@ def test_vit_img_size_in_model_kwargs_loads_without_repeating_it(vit64, tmp_path
 # --- the caller's arguments, and train.py's arguments that are not the model's ----------------------------------
 def test_explicit_argument_replaces_the_files(net, tmp_path):
     """An argument the caller passes is the caller's: the file's value for it is not read (escape hatch)."""
-    path = train_checkpoint(tmp_path / 'last.pth.tar', net, model_kwargs={'drop_rate': 'high'})
+    path = train_py_checkpoint(tmp_path / 'last.pth.tar', net, ARCH, model_kwargs={'drop_rate': 'high'})
     with pytest.raises(UnsafeFileError, match='drop_rate'):
         load_silanet(path)
     model = load_silanet(path, drop_rate=0.0)
@@ -215,9 +199,9 @@ def test_explicit_argument_replaces_the_files(net, tmp_path):
 
 def test_train_py_top_level_args_never_reach_create_model(net, tmp_path):
     """train.py's own --pretrained / --initial-checkpoint / --resume in args are not model kwargs: ignored."""
-    path = train_checkpoint(tmp_path / 'last.pth.tar', net, pretrained=True,
-                            initial_checkpoint=str(tmp_path / 'nope.pth'), resume=str(tmp_path / 'nope.pth'),
-                            pretrained_cfg_overlay={'url': 'http://127.0.0.1:9/x'}, interpolation='')
+    path = train_py_checkpoint(tmp_path / 'last.pth.tar', net, ARCH, pretrained=True,
+                               initial_checkpoint=str(tmp_path / 'nope.pth'), resume=str(tmp_path / 'nope.pth'),
+                               pretrained_cfg_overlay={'url': 'http://127.0.0.1:9/x'}, interpolation='')
     before = snapshot(tmp_path)
     ckpt = read_checkpoint(path)
     assert ckpt.model_kwargs == {'num_classes': 10} and ckpt.data_config == {}  # '' = the model's default
@@ -228,9 +212,7 @@ def test_train_py_top_level_args_never_reach_create_model(net, tmp_path):
 
 # --- what a file claims, against the weights it carries ----------------------------------------------------------
 def _train_file(tmp, net, arch=ARCH, **args):
-    path = tmp / 'last.pth.tar'
-    torch.save({'arch': arch, 'state_dict': net.state_dict(), 'args': train_args(model=arch, **args)}, path)
-    return path
+    return train_py_checkpoint(tmp / 'last.pth.tar', net, arch, **dict(dict(model_kwargs={'sila_taps': TAPS}), **args))
 
 
 def _config_file(tmp, net, branch=1, **model_args):

@@ -21,7 +21,7 @@ import torch
 
 import timm
 
-from conftest import image_folder, snapshot
+from conftest import image_folder, snapshot, train_py_checkpoint
 from timm_sila import load_stripped
 from timm_sila_cli import main
 
@@ -39,8 +39,7 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     net = timm.create_model('sila_resnet18', num_classes=10).eval()
     path = tmp_path_factory.mktemp('ckpt') / 'last.pth.tar'
-    args = argparse.Namespace(model='sila_resnet18', num_classes=10, model_kwargs={}, img_size=32, input_size=None)
-    torch.save(dict(epoch=0, arch='sila_resnet18', state_dict=net.state_dict(), args=args, version=2), path)
+    train_py_checkpoint(path, net, 'sila_resnet18', img_size=32)
     return path, net, torch.randn(2, 3, 32, 32)
 
 
@@ -199,8 +198,7 @@ def work(tmp_path_factory):
     os.chmod(root, 0o755)
     torch.manual_seed(0)
     net = timm.create_model('sila_resnet18', num_classes=2)
-    args = dict(model='sila_resnet18', num_classes=2, model_kwargs={}, img_size=32, interpolation='')
-    torch.save(dict(arch='sila_resnet18', state_dict=net.state_dict(), args=args), root / 'ckpt.pth.tar')
+    train_py_checkpoint(root / 'ckpt.pth.tar', net, 'sila_resnet18', args_as_dict=True, img_size=32)
     os.chmod(root / 'ckpt.pth.tar', 0o644)
     image_folder(root / 'data', splits=('test', 'val'))
     (root / 'data' / 'empty' / 'c0').mkdir(parents=True)

@@ -5,7 +5,6 @@ command (FIFO, socket, device), count an image twice (symbolic link loops, links
 word (class folders vs the model's classes), or fail as a traceback (truncated, huge or non-image files, also in
 DataLoader workers). Models with in_chans=1 get single-channel images, as timm's train.py gives them.
 """
-import argparse
 import io
 import json
 import os
@@ -25,7 +24,7 @@ from PIL import Image
 import timm
 from timm.data import create_transform
 
-from conftest import PEAK_RSS_MB, image_folder
+from conftest import PEAK_RSS_MB, image_folder, train_py_checkpoint
 from timm_sila.data.folder import (ImageFolderDataset, ImageFolderError, ImageReadError, class_names_from_config,
                             image_loader, image_mode)
 from timm_sila.measure.evaluate import evaluate
@@ -250,9 +249,7 @@ def gray(tmp_path_factory):
                 _png(root / 'data' / split / c / f'{j}.png', seed=100 * i + j, mode='RGB' if j % 2 else 'L')
     torch.manual_seed(4)
     net = timm.create_model('sila_test_resnet', num_classes=2, in_chans=1).eval()
-    args = argparse.Namespace(model='sila_test_resnet', num_classes=2, in_chans=1, img_size=32, input_size=None,
-                              mean=None, std=None, crop_pct=None, interpolation='', model_kwargs={})
-    torch.save(dict(arch='sila_test_resnet', state_dict=net.state_dict(), args=args), root / 'last.pth.tar')
+    train_py_checkpoint(root / 'last.pth.tar', net, 'sila_test_resnet', in_chans=1, img_size=32)
     return root, net
 
 
@@ -292,8 +289,7 @@ def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp('ckpt')
     torch.manual_seed(0)
     net = timm.create_model('sila_test_resnet', num_classes=2)
-    torch.save(dict(arch='sila_test_resnet', state_dict=net.state_dict(),
-                    args=dict(model='sila_test_resnet', num_classes=2, img_size=32)), root / 'ckpt.pth.tar')
+    train_py_checkpoint(root / 'ckpt.pth.tar', net, 'sila_test_resnet', args_as_dict=True, img_size=32)
     return root / 'ckpt.pth.tar'
 
 

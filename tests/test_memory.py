@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import timm
-from conftest import PEAK_RSS_MB, image_folder
+from conftest import PEAK_RSS_MB, image_folder, train_py_checkpoint
 from timm_sila.measure.sizes import MemoryBoundError, available_memory, batch_memory, check_batch_fits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,8 +96,7 @@ def work(tmp_path_factory):
     root = tmp_path_factory.mktemp('bounds')
     torch.manual_seed(0)
     net = timm.create_model('sila_test_resnet', num_classes=2)
-    torch.save(dict(arch='sila_test_resnet', state_dict=net.state_dict(),
-                    args=dict(model='sila_test_resnet', num_classes=2, img_size=32)), root / 'ckpt.pth.tar')
+    train_py_checkpoint(root / 'ckpt.pth.tar', net, 'sila_test_resnet', args_as_dict=True, img_size=32)
     image_folder(root / 'data', classes=('a', 'b'), n=1, splits=('val', 'test'))
     return root
 

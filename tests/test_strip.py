@@ -1,5 +1,4 @@
 """strip(): one branch of a SilaNet written as timm's model.safetensors + config.json (paper Sec 2.3, Table 3)."""
-import argparse
 import copy
 import json
 import subprocess
@@ -13,7 +12,7 @@ import timm
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import branch_logits, eval_logits, randomize_bn
+from conftest import branch_logits, eval_logits, randomize_bn, train_py_checkpoint
 from timm_sila import CheckpointError, SilaNet, load_stripped, strip
 from timm_sila.io.atomic import MANIFEST_NAME, ForeignFilesError
 
@@ -36,21 +35,14 @@ def file_keys(out):
 
 
 def train_checkpoint(path, net, ema_net=None, args=True, prefix=''):
-    """A checkpoint laid out like timm train.py's CheckpointSaver writes it."""
-    sd = {prefix + k: v for k, v in net.state_dict().items()}
-    ckpt = dict(epoch=2, arch='sila_resnet18', state_dict=sd, version=2, metric=55.0,
-                optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9).state_dict())
-    if args:
-        ckpt['args'] = argparse.Namespace(
-            model='sila_resnet18', num_classes=10, model_kwargs={'sila_sets': 3, 'sila_beta': 0.1},
-            img_size=32, input_size=None, in_chans=None, gp=None, bn_momentum=None, bn_eps=None, mean=None,
-            std=None, crop_pct=None, interpolation='', lr=0.1, epochs=3, model_ema=ema_net is not None)
-    else:
-        ckpt['arch'] = 'silanet'  # what CheckpointSaver records without args
-    if ema_net is not None:
-        ckpt['state_dict_ema'] = ema_net.state_dict()
-    torch.save(ckpt, path)
-    return path
+    """A checkpoint as timm train.py's CheckpointSaver writes it (optimizer state, metric), its keys prefixed."""
+    entries = dict(epoch=2, state_dict={prefix + k: v for k, v in net.state_dict().items()}, metric=55.0,
+                   optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9).state_dict())
+    if not args:
+        entries['arch'] = 'silanet'  # what CheckpointSaver records without args
+    return train_py_checkpoint(path, net, 'sila_resnet18', ema=ema_net, with_args=args, entries=entries,
+                               model_kwargs={'sila_sets': 3, 'sila_beta': 0.1}, img_size=32, lr=0.1, epochs=3,
+                               model_ema=ema_net is not None)
 
 
 # --- branch 0: the plain timm model -------------------------------------------------------------------------

@@ -13,7 +13,6 @@ process's peak RSS after it, any connection attempted and whether anything under
 must answer with exit status 2 and one line, within 5 s (CPU and wall, imports excluded), with a peak RSS under 1 GB
 (and at most 256 MB above the RSS after imports), writing and fetching nothing.
 """
-import argparse
 import io
 import json
 import os
@@ -29,7 +28,7 @@ import timm
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import PEAK_RSS_MB, image_folder, snapshot
+from conftest import PEAK_RSS_MB, image_folder, snapshot, train_py_checkpoint
 from timm_sila import load_stripped, strip
 from timm_sila.io.checkpoint import load_silanet, read_checkpoint
 from timm_sila.config import (
@@ -46,16 +45,6 @@ pytestmark = pytest.mark.usefixtures('no_network')
 def net():
     torch.manual_seed(0)
     return timm.create_model(ARCH, num_classes=10).eval()
-
-
-def train_checkpoint(path: Path, net, **args):
-    """A timm train.py checkpoint whose args carry `args` on top of train.py's own defaults."""
-    defaults = dict(model=ARCH, num_classes=10, model_kwargs={}, img_size=None, input_size=None, in_chans=None,
-                    gp=None, bn_momentum=None, bn_eps=None, mean=None, std=None, crop_pct=None, interpolation='',
-                    pretrained=False, initial_checkpoint='', resume='', drop=0.0, drop_path=None)
-    defaults.update(args)
-    torch.save(dict(epoch=1, arch=ARCH, state_dict=net.state_dict(), args=argparse.Namespace(**defaults)), path)
-    return path
 
 
 def x_input():
@@ -97,7 +86,7 @@ def test_hostile_model_args_refused(net, tmp_path, reader, case):
     (tmp_path / 'in').mkdir()
     (tmp_path / 'site').mkdir()
     if reader in ('read_checkpoint', 'load_silanet', 'strip'):
-        path = train_checkpoint(tmp_path / 'in' / 'last.pth.tar', net, model_kwargs={key: value})
+        path = train_py_checkpoint(tmp_path / 'in' / 'last.pth.tar', net, ARCH, model_kwargs={key: value})
         call = {'read_checkpoint': lambda: read_checkpoint(path),
                 'load_silanet': lambda: load_silanet(path),
                 'strip': lambda: strip(path, 1, tmp_path / 'out')}[reader]
@@ -138,7 +127,7 @@ def test_hostile_model_args_refused(net, tmp_path, reader, case):
     (dict(model_kwargs=['pretrained']), 'model_kwargs'),
 ])
 def test_hostile_train_args(net, tmp_path, args, match):
-    path = train_checkpoint(tmp_path / 'last.pth.tar', net, **args)
+    path = train_py_checkpoint(tmp_path / 'last.pth.tar', net, ARCH, **args)
     before = snapshot(tmp_path)
     if match is None:
         read_checkpoint(path)
@@ -376,14 +365,6 @@ def _deflated_storage(path: Path, mib: int = 512) -> Path:
     return path
 
 
-def _train_py(path: Path, net, **args) -> Path:
-    fields = dict(model=f'sila_{net.arch}', num_classes=10, model_kwargs={}, img_size=None, input_size=None,
-                  mean=None, std=None, crop_pct=None, interpolation='', pretrained=False)
-    fields.update(args)
-    torch.save({'state_dict': net.state_dict(), 'args': fields}, path)
-    return path
-
-
 def _early_exit(path: Path, net, meta_text=None, **model_args) -> Path:
     source = path.with_name('exit_source.safetensors')
     if not source.exists():
@@ -419,24 +400,28 @@ EVAL = ['eval', '--model', 'sila_test_resnet', '--data-dir', '{w}/data', '--work
         '--checkpoint']
 CASES = [
     ('num_classes 200,000 in train.py args (strip)',
-     lambda w, r, v: _train_py(w / 'nc.pth.tar', r, num_classes=200_000),
+     lambda w, r, v: train_py_checkpoint(w / 'nc.pth.tar', r, ARCH, args_as_dict=True, num_classes=200_000),
      ['strip', '{w}/nc.pth.tar', '--branch', '0', '--out', '{w}/out'], ['args.num_classes = 200000', 'hold 10']),
     ('num_classes 1,000,000 in train.py args (eval)',
-     lambda w, r, v: _train_py(w / 'nc1m.pth.tar', r, num_classes=1_000_000),
+     lambda w, r, v: train_py_checkpoint(w / 'nc1m.pth.tar', r, ARCH, args_as_dict=True, num_classes=1_000_000),
      EVAL + ['{w}/nc1m.pth.tar'], ['num_classes=1000000', '262144']),
     ('num_classes 50,000,000 in train.py args (export)',
-     lambda w, r, v: _train_py(w / 'nc50m.pth.tar', r, num_classes=50_000_000),
+     lambda w, r, v: train_py_checkpoint(w / 'nc50m.pth.tar', r, ARCH, args_as_dict=True, num_classes=50_000_000),
      ['export', '{w}/nc50m.pth.tar', '--branch', '1', '--format', 'pt2', '--out', '{w}/out.pt2'],
      ['num_classes=50000000', '262144']),
     ('ViT model_kwargs.depth 1000 (bench)',
-     lambda w, r, v: _train_py(w / 'vit.pth.tar', v, model_kwargs={'img_size': 32, 'depth': 1000}),
+     lambda w, r, v: train_py_checkpoint(w / 'vit.pth.tar', v, 'sila_test_vit', args_as_dict=True,
+                                         model_kwargs={'img_size': 32, 'depth': 1000}),
      ['bench', '{w}/vit.pth.tar', '--repeats', '1', '--warmup', '0'], ['depth=1000', '128']),
     ('input_size 3x65536x65536 (eval)',
-     lambda w, r, v: _train_py(w / 'big_input.pth.tar', r, input_size=[3, 65536, 65536]),
+     lambda w, r, v: train_py_checkpoint(w / 'big_input.pth.tar', r, ARCH, args_as_dict=True,
+                                         input_size=[3, 65536, 65536]),
      EVAL + ['{w}/big_input.pth.tar'], ['input_size=[3, 65536, 65536]', '4096']),
-    ('crop_pct 0.002 (eval)', lambda w, r, v: _train_py(w / 'crop.pth.tar', r, crop_pct=0.002),
+    ('crop_pct 0.002 (eval)',
+     lambda w, r, v: train_py_checkpoint(w / 'crop.pth.tar', r, ARCH, args_as_dict=True, crop_pct=0.002),
      EVAL + ['{w}/crop.pth.tar'], ['crop_pct=0.002', '0.5']),
-    ('crop_pct 1e-9 (eval)', lambda w, r, v: _train_py(w / 'crop9.pth.tar', r, crop_pct=1e-9),
+    ('crop_pct 1e-9 (eval)',
+     lambda w, r, v: train_py_checkpoint(w / 'crop9.pth.tar', r, ARCH, args_as_dict=True, crop_pct=1e-9),
      EVAL + ['{w}/crop9.pth.tar'], ['crop_pct=1e-09', '0.5']),
     ('deflated 512 MiB storage (strip)', lambda w, r, v: _deflated_storage(w / 'deflated.pth'),
      ['strip', '{w}/deflated.pth', '--branch', '0', '--model', 'sila_test_resnet', '--out', '{w}/out'],
