@@ -4,6 +4,7 @@ import argparse
 import copy
 import errno
 import functools
+import shutil
 import socket
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 import timm
-import timm_sila  # noqa: F401  registers sila_* names
+import timm_sila  # registers sila_* names
 
 # The paper's six architectures plus other families, each at a small input it accepts: (model kwargs, input size).
 REPRESENTATIVE = {
@@ -203,3 +204,21 @@ def train_py_checkpoint(path: Path, net: torch.nn.Module, arch: str, *, ema: Opt
     ckpt.update(entries or {})
     torch.save(ckpt, path)
     return Path(path)
+
+
+@pytest.fixture(scope='session')
+def stripped(tmp_path_factory):
+    """sila_test_resnet (10 classes, built after torch.manual_seed(0): the `net` of the files that use this) stripped
+    once per session: {branch: folder} for branches 0 and 1. Read-only: a test that changes a folder changes a copy
+    (`stripped_copy`)."""
+    torch.manual_seed(0)
+    net = timm.create_model('sila_test_resnet', num_classes=10).eval()
+    root = tmp_path_factory.mktemp('stripped')
+    return {branch: timm_sila.strip(net, branch, root / f'b{branch}') for branch in (0, 1)}
+
+
+@pytest.fixture
+def stripped_copy(stripped):
+    """stripped_copy(branch, dest): a copy of the session's strip folder of that branch at dest, for the test to
+    change."""
+    return lambda branch, dest: Path(shutil.copytree(stripped[branch], dest))

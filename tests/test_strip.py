@@ -291,17 +291,10 @@ def test_output_folder_rules(trained, tmp_path):
 
 
 # --- a stripped folder that is not whole: the file is named ----------------------------------------------------
-@pytest.fixture(scope='module')
-def net():
-    """timm's 0.4M-parameter test ResNet as a SilaNet (taps layer3, layer1), 10 classes."""
-    torch.manual_seed(0)
-    return timm.create_model('sila_test_resnet', num_classes=10).eval()
-
-
 @pytest.mark.usefixtures('no_network')
 @pytest.mark.parametrize('content', [b'{not json', b'\xff\xfe\x00', b'[]', b'"text"', b''])
-def test_malformed_config_json_names_the_file(net, tmp_path, content):
-    export = strip(net, 0, tmp_path / 'export')
+def test_malformed_config_json_names_the_file(stripped_copy, tmp_path, content):
+    export = stripped_copy(0, tmp_path / 'export')
     (export / 'config.json').write_bytes(content)
     with pytest.raises(CheckpointError, match='config.json'):
         load_stripped(export)
@@ -309,8 +302,8 @@ def test_malformed_config_json_names_the_file(net, tmp_path, content):
 
 @pytest.mark.usefixtures('no_network')
 @pytest.mark.parametrize('damage', ['truncated', 'garbage', 'empty', 'header_only'])
-def test_malformed_weights_name_the_file(net, tmp_path, damage):
-    export = strip(net, 0, tmp_path / 'export')
+def test_malformed_weights_name_the_file(stripped_copy, tmp_path, damage):
+    export = stripped_copy(0, tmp_path / 'export')
     weights = export / 'model.safetensors'
     data = weights.read_bytes()
     weights.write_bytes({'truncated': data[:len(data) // 2], 'garbage': b'\x08\x00\x00\x00\x00\x00\x00\x00{"a":1}',

@@ -81,7 +81,7 @@ HOSTILE_IDS = [f'{i}-{k}' for i, k in enumerate(HOSTILE_KEYS)]
 
 @pytest.mark.parametrize('case', range(len(HOSTILE_KEYS)), ids=HOSTILE_IDS)
 @pytest.mark.parametrize('reader', ['read_checkpoint', 'load_silanet', 'strip', 'load_stripped', 'timm_local_dir'])
-def test_hostile_model_args_refused(net, tmp_path, reader, case):
+def test_hostile_model_args_refused(net, stripped_copy, tmp_path, reader, case):
     key, value = _hostile_kwargs(tmp_path)[case]
     (tmp_path / 'in').mkdir()
     (tmp_path / 'site').mkdir()
@@ -91,7 +91,7 @@ def test_hostile_model_args_refused(net, tmp_path, reader, case):
                 'load_silanet': lambda: load_silanet(path),
                 'strip': lambda: strip(path, 1, tmp_path / 'out')}[reader]
     else:
-        export = strip(net, 1, tmp_path / 'in' / 'export')
+        export = stripped_copy(1, tmp_path / 'in' / 'export')
         config = json.loads((export / 'config.json').read_text())
         config['model_args'][key] = value
         (export / 'config.json').write_text(json.dumps(config))
@@ -158,8 +158,8 @@ HOSTILE_CONFIGS = [
 
 @pytest.mark.parametrize('change,match', HOSTILE_CONFIGS)
 @pytest.mark.parametrize('reader', ['load_stripped', 'timm_local_dir'])
-def test_hostile_config_json(net, tmp_path, change, match, reader):
-    export = strip(net, 1, tmp_path / 'export')
+def test_hostile_config_json(net, stripped_copy, tmp_path, change, match, reader):
+    export = stripped_copy(1, tmp_path / 'export')
     config = json.loads((export / 'config.json').read_text())
     for key, value in change.items():
         if key == 'pretrained_cfg':
