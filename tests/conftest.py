@@ -4,8 +4,12 @@ import argparse
 import copy
 import errno
 import functools
+import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -15,6 +19,8 @@ from PIL import Image
 
 import timm
 import timm_sila  # registers sila_* names
+
+REPO = Path(__file__).resolve().parents[1]
 
 # The paper's six architectures plus other families, each at a small input it accepts: (model kwargs, input size).
 REPRESENTATIVE = {
@@ -88,6 +94,84 @@ def eval_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 # For scripts the tests run in a fresh interpreter: this process's own peak resident memory in MB. VmHWM belongs to
 # the process's own address space; ru_maxrss would also count the parent's memory at fork time, which exec records.
 PEAK_RSS_MB = "[int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0] / 1024"
+
+
+# Runs the cases of run_in_fresh_process in one process (imports first: they are no case's work).
+_FRESH_RUNNER = r'''
+import json, os, resource, socket, sys, time
+cases, root, report = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+attempts = []
+def refuse(*args, **kwargs):
+    attempts.append(repr(args[1:2] or args[:1]))
+    raise OSError('network access refused by the test')
+socket.socket.connect = socket.socket.connect_ex = socket.create_connection = socket.getaddrinfo = refuse
+import timm_sila, timm_sila.measure.evaluate, timm_sila.ship.export, timm_sila.measure.bench, timm_sila.exits.curve
+from timm_sila.exits.early_exit import EarlyExit
+from timm_sila_cli import error_line, main
+try:  # a regression must fail the test, not swap the machine: address space = after imports + 4 GiB
+    size = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize:')][0] * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (size + (4 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+except (OSError, ValueError, IndexError):
+    pass
+baseline = ''' + PEAK_RSS_MB + r'''
+def snapshot():
+    return sorted((os.path.relpath(os.path.join(d, n), root), os.lstat(os.path.join(d, n)).st_size,
+                   os.lstat(os.path.join(d, n)).st_mtime_ns) for d, dirs, files in os.walk(root) for n in dirs + files)
+results = {}
+for case in cases:
+    before, tried = snapshot(), len(attempts)
+    captured = {}
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    files = {fd: open(os.path.join(os.path.dirname(report), f'fd{fd}.txt'), 'w+b') for fd in (1, 2)}
+    for fd in (1, 2):
+        os.dup2(files[fd].fileno(), fd)
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        if case['kind'] == 'cli':
+            rc = main(case['argv'])
+        else:
+            try:
+                EarlyExit.load(case['path'])
+                rc = 0
+            except ValueError as e:
+                print(f'EarlyExit.load: error: {error_line(e)}', file=sys.stderr)
+                rc = 2
+    except BaseException as e:
+        import traceback
+        traceback.print_exc()
+        rc = f'{type(e).__name__}'
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    sys.stdout.flush(); sys.stderr.flush()
+    for fd in (1, 2):
+        os.dup2(saved[fd], fd)
+        files[fd].seek(0)
+        captured[fd] = files[fd].read().decode('utf-8', 'replace')
+        files[fd].close()
+    results[case['id']] = dict(rc=rc, stdout=captured[1], stderr=captured[2], cpu=cpu, wall=wall,
+                               rss_mb=''' + PEAK_RSS_MB + r''', baseline_mb=baseline,
+                               connects=attempts[tried:], changed=snapshot() != before)
+json.dump(results, open(report, 'w'))
+'''
+
+
+def run_in_fresh_process(cases: Sequence[dict], root: Path, scratch: Path, env: Optional[dict] = None,
+                         timeout: float = 600) -> dict:
+    """Run `cases` one after another in ONE fresh Python process, this checkout first on its path, every
+    connection and name lookup refused, its address space capped at its size after the imports + 4 GiB (a
+    regression fails the test rather than swap the machine). A case is dict(id=..., kind='cli', argv=[...]) for
+    `timm_sila_cli.main`, or dict(id=..., kind='early_exit', path=...) for EarlyExit.load, reported as the CLI
+    reports errors. Returns {id: dict(rc, stdout, stderr, cpu, wall, rss_mb, baseline_mb, connects, changed)}: the
+    exit status (or the name of the exception that escaped), what reached file descriptors 1 and 2, the case's CPU
+    and wall seconds, the process's peak RSS after the case and after the imports (MB), the connections attempted,
+    and whether anything under `root` changed. `scratch`: a folder for the runner's own files; `env`: added to
+    this process's environment."""
+    (scratch / 'cases.json').write_text(json.dumps(list(cases)))
+    path = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get('PYTHONPATH')] if p])
+    run = subprocess.run([sys.executable, '-c', _FRESH_RUNNER, str(scratch / 'cases.json'), str(root),
+                          str(scratch / 'report.json')], capture_output=True, text=True, timeout=timeout,
+                         env=dict(os.environ, **(env or {}), PYTHONPATH=path))
+    assert run.returncode == 0 and (scratch / 'report.json').exists(), run.stderr[-3000:]
+    return json.loads((scratch / 'report.json').read_text())
 
 
 # --- what a test compares before and after, and what it may not do -------------------------------------------------
@@ -222,3 +306,27 @@ def stripped_copy(stripped):
     """stripped_copy(branch, dest): a copy of the session's strip folder of that branch at dest, for the test to
     change."""
     return lambda branch, dest: Path(shutil.copytree(stripped[branch], dest))
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """tmpfs(size) -> a folder on a new tmpfs of that size ('1m', ...), unmounted after the test: a full disk for
+    real. The test is skipped where this process cannot mount one (that needs root, or CAP_SYS_ADMIN, and
+    mount(8))."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f'tmpfs{len(mounts)}'
+        path.mkdir()
+        try:
+            run = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                                 capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            pytest.skip(f'cannot mount a tmpfs here: {e}')
+        if run.returncode != 0:
+            pytest.skip(f'cannot mount a tmpfs here: {run.stderr.decode(errors="replace").strip()}')
+        mounts.append(path)
+        return path
+    yield mount
+    for path in mounts:
+        subprocess.run(['umount', str(path)], capture_output=True, timeout=30)

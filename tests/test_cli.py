@@ -344,23 +344,8 @@ def test_file_too_large_keeps_the_previous_export(work, capfd, tmp_path):
     shutil.rmtree(out)
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 2 MB tmpfs, where the machine lets this process mount one (root in a container); else skipped."""
-    mount = tmp_path / 'tmpfs'
-    mount.mkdir()
-    if shutil.which('mount') is None or os.geteuid() != 0:
-        pytest.skip('mounting a tmpfs needs root and mount(8)')
-    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(mount)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f'cannot mount a tmpfs here: {proc.stderr.decode(errors="replace").strip()}')
-    try:
-        yield mount
-    finally:
-        subprocess.run(['umount', str(mount)], check=False)
-
-
-def test_disk_full_is_one_line_and_leaves_nothing(work, capfd, small_tmpfs):
+def test_disk_full_is_one_line_and_leaves_nothing(work, capfd, tmpfs):
+    small_tmpfs = tmpfs('2m')
     out = small_tmpfs / 'out'
     assert main(['strip', str(work / 'ckpt.pth.tar'), '--branch', '0', '--out', str(out)]) == 2
     line = _expect_one_line(capfd, 'No space left on device')

@@ -11,8 +11,6 @@ import os
 import shutil
 import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -24,7 +22,7 @@ from PIL import Image
 import timm
 from timm.data import create_transform
 
-from conftest import PEAK_RSS_MB, image_folder, train_py_checkpoint
+from conftest import image_folder, run_in_fresh_process, train_py_checkpoint
 from timm_sila.data.folder import (ImageFolderDataset, ImageFolderError, ImageReadError, class_names_from_config,
                             image_loader, image_mode)
 from timm_sila.measure.evaluate import evaluate
@@ -334,27 +332,17 @@ def test_cli_eval_checks_the_class_names_a_stripped_folder_records(tmp_path, cap
         assert rc == 2 and len(lines) == 1 and error in lines[0] and captured.out == '', captured.err
 
 
-_DRIVER = '''
-import resource, sys, time
-import timm_sila.measure.evaluate  # the imports are not part of the answer time
-from timm_sila_cli import main
-started = time.monotonic()
-rc = main(sys.argv[1:])
-print(f"rc={rc} seconds={time.monotonic() - started:.2f} "
-      f"maxrss_mb={''' + PEAK_RSS_MB + '''}")
-'''
-
-
 def test_cli_fifo_named_like_an_image_is_skipped_not_waited_on(ckpt, tmp_path):
     root = image_folder(tmp_path / 'data' / 'test', splits=None)
     os.mkfifo(root / 'c0' / 'x.png')
-    run = subprocess.run([sys.executable, '-c', _DRIVER, 'eval', '--model', 'sila_test_resnet', '--checkpoint',
-                          str(ckpt), '--data-dir', str(tmp_path / 'data'), '--workers', '0', '--json'],
-                         capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    report = dict(item.split('=') for item in run.stdout.strip().splitlines()[-1].split())
-    assert report['rc'] == '0' and float(report['seconds']) < 5 and float(report['maxrss_mb']) < 1024, run.stdout
-    assert json.loads(run.stdout[:run.stdout.rindex('rc=')])['num_samples'] == 6
-    warning, = run.stderr.strip().splitlines()
+    argv = ['eval', '--model', 'sila_test_resnet', '--checkpoint', str(ckpt), '--data-dir', str(tmp_path / 'data'),
+            '--workers', '0', '--json']
+    scratch = tmp_path / 'runner'
+    scratch.mkdir()
+    run = run_in_fresh_process([dict(id='eval', kind='cli', argv=argv)], tmp_path / 'data', scratch, timeout=120)['eval']
+    assert run['rc'] == 0 and run['wall'] < 5 and run['rss_mb'] < 1024, run
+    assert json.loads(run['stdout'])['num_samples'] == 6
+    warning, = run['stderr'].strip().splitlines()
     assert warning.startswith('timm-sila eval: warning: ') and f'{root}/c0/x.png (a FIFO)' in warning
 
 

@@ -1,18 +1,15 @@
 """The memory a batch needs (timm_sila.measure.sizes): the input plus the model's largest activation, measured on
 the meta device, checked before any command allocates it; a batch or image size that cannot fit is one line that
 says what to pass, at once and without allocating it."""
-import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import timm
-from conftest import PEAK_RSS_MB, image_folder, train_py_checkpoint
+from conftest import image_folder, run_in_fresh_process, train_py_checkpoint
 from timm_sila.measure.sizes import MemoryBoundError, available_memory, batch_memory, check_batch_fits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,21 +98,6 @@ def work(tmp_path_factory):
     return root
 
 
-_DRIVER = '''
-import contextlib, io, json, resource, sys, time
-import timm_sila.measure.bench, timm_sila.measure.evaluate, timm_sila.exits.curve, timm_sila.ship.export  # imports are not answer time
-from timm_sila_cli import main
-report = []
-for argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    started = time.monotonic()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
-        rc = main(argv)
-    report.append(dict(rc=rc, seconds=time.monotonic() - started, stderr=err.getvalue()))
-print(json.dumps(dict(report=report, maxrss_mb=''' + PEAK_RSS_MB + ''')))
-'''
-
-
 HUGE = str(10 ** 8)  # 10^8 x 3x32x32 fp32 = 1.2 TB: more than any machine running the tests
 CLI_BOUNDS = [  # (id, argv with {w} = the work folder, fragments of the one error line)
     ('bench-batch', ['bench', '{w}/ckpt.pth.tar', '--batch-size', HUGE],
@@ -134,13 +116,13 @@ CLI_BOUNDS = [  # (id, argv with {w} = the work folder, fragments of the one err
 ]
 
 
-def test_cli_batch_and_image_size_bounds_are_one_line_exit_2_fast_and_small(work):
-    argv = [[a.replace('{w}', str(work)) for a in case[1]] for case in CLI_BOUNDS]
+def test_cli_batch_and_image_size_bounds_are_one_line_exit_2_fast_and_small(work, tmp_path):
+    cases = [dict(id=case[0], kind='cli', argv=[a.replace('{w}', str(work)) for a in case[1]]) for case in CLI_BOUNDS]
     before = sorted(str(p) for p in work.rglob('*'))
-    run = subprocess.run([sys.executable, '-c', _DRIVER, json.dumps(argv)], capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert run.returncode == 0, run.stderr[-2000:]
-    result = json.loads(run.stdout)
+    runs = run_in_fresh_process(cases, work, tmp_path, timeout=300)
+    # as one stream, in order; the peak RSS of the process after the last case
+    result = dict(report=[dict(r, seconds=r['wall'], stderr=r['stdout'] + r['stderr']) for r in runs.values()],
+                  maxrss_mb=max(r['rss_mb'] for r in runs.values()))
     assert result['maxrss_mb'] < 1024, result  # nothing near the sizes asked for was allocated
     for (name, _, fragments), got in zip(CLI_BOUNDS, result['report']):
         assert got['seconds'] < 5, (name, got['seconds'])

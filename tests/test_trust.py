@@ -15,9 +15,6 @@ must answer with exit status 2 and one line, within 5 s (CPU and wall, imports e
 """
 import io
 import json
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -28,7 +25,7 @@ import timm
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import PEAK_RSS_MB, image_folder, snapshot, train_py_checkpoint
+from conftest import image_folder, run_in_fresh_process, snapshot, train_py_checkpoint
 from timm_sila import load_stripped, strip
 from timm_sila.io.checkpoint import load_silanet, read_checkpoint
 from timm_sila.config import (
@@ -283,65 +280,6 @@ GROWTH_BOUND_MB = 256  # what one case may add to the RSS after imports (the bou
 TIME_BOUND_S = 5.0
 
 
-# Runs each case in this one process: argv for `timm_sila_cli.main`, or an early-exit file for EarlyExit.load
-# (which no command reads), reported the way the CLI reports errors.
-RUNNER = r'''
-import json, os, resource, socket, sys, time
-cases, root, report = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
-attempts = []
-def refuse(*args, **kwargs):
-    attempts.append(repr(args[1:2] or args[:1]))
-    raise OSError('network access refused by the test')
-socket.socket.connect = socket.socket.connect_ex = socket.create_connection = socket.getaddrinfo = refuse
-import timm_sila, timm_sila.measure.evaluate, timm_sila.ship.export, timm_sila.measure.bench  # imports are no case's work
-from timm_sila.exits.early_exit import EarlyExit
-from timm_sila_cli import error_line, main
-try:  # a regression must fail the test, not swap the machine: address space = after imports + 4 GiB
-    size = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize:')][0] * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (size + (4 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
-except (OSError, ValueError, IndexError):
-    pass
-baseline = ''' + PEAK_RSS_MB + r'''
-def snapshot():
-    return sorted((os.path.relpath(os.path.join(d, n), root), os.lstat(os.path.join(d, n)).st_size,
-                   os.lstat(os.path.join(d, n)).st_mtime_ns) for d, dirs, files in os.walk(root) for n in dirs + files)
-results = {}
-for case in cases:
-    before, tried = snapshot(), len(attempts)
-    captured = {}
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    files = {fd: open(os.path.join(os.path.dirname(report), f'fd{fd}.txt'), 'w+b') for fd in (1, 2)}
-    for fd in (1, 2):
-        os.dup2(files[fd].fileno(), fd)
-    wall, cpu = time.perf_counter(), time.process_time()
-    try:
-        if case['kind'] == 'cli':
-            rc = main(case['argv'])
-        else:
-            try:
-                EarlyExit.load(case['path'])
-                rc = 0
-            except ValueError as e:
-                print(f'EarlyExit.load: error: {error_line(e)}', file=sys.stderr)
-                rc = 2
-    except BaseException as e:
-        import traceback
-        traceback.print_exc()
-        rc = f'{type(e).__name__}'
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    sys.stdout.flush(); sys.stderr.flush()
-    for fd in (1, 2):
-        os.dup2(saved[fd], fd)
-        files[fd].seek(0)
-        captured[fd] = files[fd].read().decode('utf-8', 'replace')
-        files[fd].close()
-    results[case['id']] = dict(rc=rc, stdout=captured[1], stderr=captured[2], cpu=cpu, wall=wall,
-                               rss_mb=''' + PEAK_RSS_MB + r''', baseline_mb=baseline,
-                               connects=attempts[tried:], changed=snapshot() != before)
-json.dump(results, open(report, 'w'))
-'''
-
-
 def _deflated_storage(path: Path, mib: int = 512) -> Path:
     """A torch zip checkpoint of a few MB whose one storage, deflate-compressed, inflates to `mib` MiB:
     {'state_dict': {'w': float32[mib * 2**18]}}. Written from a small torch.save whose pickled sizes are patched."""
@@ -463,15 +401,8 @@ def hostile_runs(tmp_path_factory):
         else:
             cases.append(dict(id=case_id, kind='cli', argv=[a.replace('{w}', str(work)) for a in command]))
     (work / 'exit_source.safetensors').unlink()
-    side = tmp_path_factory.mktemp('runner')
-    (side / 'cases.json').write_text(json.dumps(cases))
-    env = dict(os.environ, HF_HOME=str(work / 'cache'), TORCH_HOME=str(work / 'cache'),
-               XDG_CACHE_HOME=str(work / 'cache'), PYTHONPATH=os.pathsep.join(
-                   [str(Path(__file__).resolve().parents[1])] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
-    run = subprocess.run([sys.executable, '-c', RUNNER, str(side / 'cases.json'), str(work), str(side / 'report.json')],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0 and (side / 'report.json').exists(), run.stderr[-3000:]
-    return json.loads((side / 'report.json').read_text()), work
+    cache = dict(HF_HOME=str(work / 'cache'), TORCH_HOME=str(work / 'cache'), XDG_CACHE_HOME=str(work / 'cache'))
+    return run_in_fresh_process(cases, work, tmp_path_factory.mktemp('runner'), env=cache), work
 
 
 @pytest.mark.parametrize('case', [c[0] for c in CASES])
