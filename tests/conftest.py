@@ -1,4 +1,4 @@
-"""What several test files share: models built once per session, the files the commands read (an image folder, a
+"""What several test files share: models built once per test run, the files the commands read (an image folder, a
 timm train.py checkpoint), a tree snapshot, and the no-network fixture."""
 import argparse
 import copy
@@ -48,7 +48,7 @@ def _built_sila(arch: str, num_classes: int):
 
 
 def build_sila(arch: str, num_classes: int = 10):
-    """A fresh copy of sila_<arch> (built once per session, seed 0, train mode) and its input batch: a test may
+    """A fresh copy of sila_<arch> (built once per test run, seed 0, train mode) and its input batch: a test may
     change the copy (branch, mode, BN statistics, gradients) without reaching any other test."""
     model, x = _built_sila(arch, num_classes)
     return copy.deepcopy(model), x.clone()
@@ -293,7 +293,7 @@ def train_py_checkpoint(path: Path, net: torch.nn.Module, arch: str, *, ema: Opt
 @pytest.fixture(scope='session')
 def stripped(tmp_path_factory):
     """sila_test_resnet (10 classes, built after torch.manual_seed(0): the `net` of the files that use this) stripped
-    once per session: {branch: folder} for branches 0 and 1. Read-only: a test that changes a folder changes a copy
+    once per test run: {branch: folder} for branches 0 and 1. Read-only: a test that changes a folder changes a copy
     (`stripped_copy`)."""
     torch.manual_seed(0)
     net = timm.create_model('sila_test_resnet', num_classes=10).eval()
@@ -303,7 +303,7 @@ def stripped(tmp_path_factory):
 
 @pytest.fixture
 def stripped_copy(stripped):
-    """stripped_copy(branch, dest): a copy of the session's strip folder of that branch at dest, for the test to
+    """stripped_copy(branch, dest): a copy of the test run's strip folder of that branch at dest, for the test to
     change."""
     return lambda branch, dest: Path(shutil.copytree(stripped[branch], dest))
 

@@ -597,7 +597,7 @@ def test_temp_folder_holding_previous_files_is_left_for_the_next_writer(tmp_path
     assert (left[0] / 'previous' / 'config.json').read_bytes() == old['config.json'] and 'Kept' in caplog.text
 
 
-# --- the writers' other guarantees (moved here from the trust tests) ------------------------------------------------
+# --- the writers' other guarantees: inputs, temp folders, concurrent writers, failed writes ---------------------
 @pytest.mark.parametrize('where', ['inside', 'is_out_dir', 'is_weights_file', 'nested', 'symlinked_out_dir'])
 def test_source_inside_output_refused(net, tmp_path, where):
     out = tmp_path / 'out'

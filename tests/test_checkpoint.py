@@ -4,7 +4,8 @@ Layouts: every one timm's `load_checkpoint` reads (weights under 'state_dict' or
 under 'state_dict_ema' or 'model_ema', with or without `args`), compared with timm's own function. Arguments that
 disagree with the file's own tensors are refused before anything is built for real, naming the argument; whatever
 timm raises while building from file values is one CheckpointError; compressed storages cannot expand a small file
-into gigabytes.
+into gigabytes. An argument the caller passes replaces the file's; train.py's own arguments (pretrained, resume,
+...) never reach create_model; tensors of another dtype kind than the model's are refused, not cast.
 """
 import argparse
 import io

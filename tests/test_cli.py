@@ -194,7 +194,7 @@ def test_console_script(tmp_path):
 def work(tmp_path_factory):
     """A folder (readable by everyone, for the permission checks) with a train.py-style checkpoint, an image
     folder, a non-empty export folder and stripped folders with broken config.json files."""
-    root = Path(tempfile.mkdtemp(prefix='timm-sila-trust-'))
+    root = Path(tempfile.mkdtemp(prefix='timm-sila-cli-'))
     os.chmod(root, 0o755)
     torch.manual_seed(0)
     net = timm.create_model('sila_resnet18', num_classes=2)

@@ -1,4 +1,5 @@
-"""timm_sila.config: SilaConfig (the SilaNet settings, checked once) and the sila_* names."""
+"""timm_sila.config: SilaConfig (the SilaNet settings, checked once), the mapping between sila_* and timm names,
+and non-finite hyper-parameters refused by every entry point (SilaLoss, the functional loss, create_model, SilaNet)."""
 import numpy as np
 import pytest
 import torch

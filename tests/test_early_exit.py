@@ -1,4 +1,7 @@
-"""EarlyExit: per-sample routing is exact, samples really leave the batch, calibration and persistence."""
+"""EarlyExit: per-sample routing is exact, samples really leave the batch, and it saves and loads whole.
+
+Thresholds and temperatures are finite numbers of any numeric type (Python, numpy, 0-d or 1-d tensors); a hostile
+EarlyExit file is one CheckpointError naming it, with no network access and nothing written."""
 import json
 import math
 

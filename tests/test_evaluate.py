@@ -1,4 +1,4 @@
-"""timm_sila.evaluate and `timm-sila eval`: every number checked against a reference computed directly."""
+"""evaluate() and `timm-sila eval`: every number checked against a reference computed directly."""
 import json
 
 import pytest

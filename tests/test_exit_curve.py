@@ -1,4 +1,6 @@
-"""exit-curve: thresholds come from calibration data only; the CLI runs end to end on an ImageFolder."""
+"""exit-curve: thresholds come from calibration data only; the verdict decides from the speed-ups measured whether
+early exit pays and which stripped branch to ship instead; bad values are refused, on the command line as one line
+with exit status 2; the CLI runs end to end on an ImageFolder."""
 import json
 import math
 

@@ -1,4 +1,5 @@
-"""SilaLoss against a literal transcription of the paper's Fig. 1 reference code."""
+"""SilaLoss against a literal transcription of the paper's Fig. 1 reference code; torch's cross-entropy options
+(weight, ignore_index, reduction, label smoothing) and empty batches give what torch gives."""
 import math
 
 import pytest

@@ -102,7 +102,7 @@ def test_resnet18_train_is_one_backbone_pass():
     counter.remove(), head_counter.remove()
 
 
-# a CNN per style plus both transformer families (all of REPRESENTATIVE passed this check when written)
+# a CNN per style plus both transformer families, from conftest.REPRESENTATIVE
 FAMILIES = ['resnet18', 'efficientnet_b0', 'convnext_atto', 'vit_tiny_patch16_224', 'swin_tiny_patch4_window7_224']
 assert set(FAMILIES) <= set(REPRESENTATIVE)
 

@@ -1,4 +1,5 @@
-"""strip(): one branch of a SilaNet written as timm's model.safetensors + config.json (paper Sec 2.3, Table 3)."""
+"""strip(): one branch of a SilaNet written as timm's model.safetensors + config.json (paper Sec 2.3, Table 3);
+load_stripped() of a folder that is not whole (config.json or weights) is one error naming the file."""
 import copy
 import json
 import subprocess
