@@ -48,7 +48,7 @@ def test_subset_is_outside_conftest_families():
     assert len({family_of[a] for a in SUBSET}) == len(SUBSET)
 
 
-@pytest.mark.slow  # runs the sweep slice (the module fixture `results`)
+@pytest.mark.slow  # runs the sweep slice (the module fixture `results`), slow as pyproject.toml defines it
 @pytest.mark.parametrize('arch', SUBSET)
 def test_arch_passes_every_sweep_check(results, arch):
     rec = results[arch]
@@ -59,7 +59,7 @@ def test_arch_passes_every_sweep_check(results, arch):
     assert rec['params_branch1'] < rec['params_base']
 
 
-@pytest.mark.slow  # runs the sweep slice (the module fixture `results`)
+@pytest.mark.slow  # runs the sweep slice (the module fixture `results`), slow as pyproject.toml defines it
 def test_onnx_checks_record_parity(results):
     for arch in EXPORTED:
         diffs = results[arch]['onnx_max_abs_diff']
@@ -89,7 +89,7 @@ def test_export_report_groups_each_exporters_cause():
     assert coverage._export_cell({'status': 'pass'}) == 'ok' and coverage._export_cell(None) == '-'
 
 
-@pytest.mark.slow  # runs the sweep slice (the module fixture `results`)
+@pytest.mark.slow  # runs the sweep slice (the module fixture `results`), slow as pyproject.toml defines it
 def test_fixed_size_model_is_built_at_a_small_img_size(results):
     # test_coatnet has a fixed input size (160); the sweep rebuilds it with img_size= instead of using 160
     assert results['test_coatnet']['kwargs'] == {'img_size': 32}
