@@ -40,7 +40,7 @@ REPRESENTATIVE = {
 
 @functools.lru_cache(maxsize=None)
 def _built_sila(arch: str, num_classes: int):
-    kwargs, size = REPRESENTATIVE[arch]
+    kwargs, size = REPRESENTATIVE.get(arch, ({}, 32))  # another arch (timm's test_* models): as is, at 32x32
     torch.manual_seed(0)
     model = timm.create_model(f'sila_{arch}', num_classes=num_classes, **kwargs)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -48,16 +48,23 @@ def _built_sila(arch: str, num_classes: int):
 
 
 def build_sila(arch: str, num_classes: int = 10):
-    """A fresh copy of sila_<arch> (built once per test run, seed 0, train mode) and its input batch: a test may
-    change the copy (branch, mode, BN statistics, gradients) without reaching any other test."""
+    """A fresh copy of sila_<arch> (built once per test run, right after torch.manual_seed(0), in train mode) and its
+    input batch: a test may change the copy (branch, mode, BN statistics, gradients) without reaching any other
+    test. `arch`: a key of REPRESENTATIVE, or another timm architecture that runs at 32x32 as it is."""
     model, x = _built_sila(arch, num_classes)
     return copy.deepcopy(model), x.clone()
 
 
-def vanilla_like(arch: str, sila_model, num_classes: int = 10):
-    """The plain timm model carrying the SilaNet's base weights."""
+@functools.lru_cache(maxsize=None)
+def _built_vanilla(arch: str, num_classes: int):
     kwargs, _ = REPRESENTATIVE[arch]
-    model = timm.create_model(arch, num_classes=num_classes, **kwargs)
+    return timm.create_model(arch, num_classes=num_classes, **kwargs)
+
+
+def vanilla_like(arch: str, sila_model, num_classes: int = 10):
+    """The plain timm model carrying the SilaNet's base weights (a fresh copy of one built once per test run: its
+    state_dict is all replaced, and nothing outside it depends on how it was initialised)."""
+    model = copy.deepcopy(_built_vanilla(arch, num_classes))
     model.load_state_dict(sila_model.base.state_dict())
     return model
 
@@ -295,8 +302,7 @@ def stripped(tmp_path_factory):
     """sila_test_resnet (10 classes, built after torch.manual_seed(0): the `net` of the files that use this) stripped
     once per test run: {branch: folder} for branches 0 and 1. Read-only: a test that changes a folder changes a copy
     (`stripped_copy`)."""
-    torch.manual_seed(0)
-    net = timm.create_model('sila_test_resnet', num_classes=10).eval()
+    net = build_sila('test_resnet')[0].eval()
     root = tmp_path_factory.mktemp('stripped')
     return {branch: timm_sila.strip(net, branch, root / f'b{branch}') for branch in (0, 1)}
 

@@ -47,8 +47,7 @@ MINE = b'the user\'s own file\n'
 # --- fixtures and helpers -------------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def net():
-    torch.manual_seed(0)
-    return timm.create_model(ARCH, num_classes=2).eval()
+    return build_sila('test_resnet', 2)[0].eval()
 
 
 @pytest.fixture(scope='module')

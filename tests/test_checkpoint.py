@@ -19,7 +19,7 @@ import torch
 import timm
 from safetensors.torch import load_file, save_file
 
-from conftest import snapshot, train_py_args, train_py_checkpoint
+from conftest import build_sila, snapshot, train_py_args, train_py_checkpoint
 
 from timm_sila import load_stripped, strip
 from timm_sila.io.checkpoint import build_checked, load_silanet, read_checkpoint
@@ -47,8 +47,7 @@ def nets():
 
 @pytest.fixture(scope='module')
 def net():
-    torch.manual_seed(0)
-    return timm.create_model(ARCH, num_classes=10).eval()
+    return build_sila('test_resnet')[0].eval()
 
 
 def x_input():

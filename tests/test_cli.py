@@ -21,7 +21,7 @@ import torch
 
 import timm
 
-from conftest import image_folder, snapshot, train_py_checkpoint
+from conftest import build_sila, image_folder, snapshot, train_py_checkpoint
 from timm_sila import load_stripped
 from timm_sila_cli import main
 
@@ -36,8 +36,7 @@ def n_params(*modules) -> int:
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
     """A timm train.py-style checkpoint of a resnet18 SilaNet (no EMA), its model and an input."""
-    torch.manual_seed(0)
-    net = timm.create_model('sila_resnet18', num_classes=10).eval()
+    net = build_sila('resnet18')[0].eval()
     path = tmp_path_factory.mktemp('ckpt') / 'last.pth.tar'
     train_py_checkpoint(path, net, 'sila_resnet18', img_size=32)
     return path, net, torch.randn(2, 3, 32, 32)
@@ -196,8 +195,7 @@ def work(tmp_path_factory):
     folder, a non-empty export folder and stripped folders with broken config.json files."""
     root = Path(tempfile.mkdtemp(prefix='timm-sila-cli-'))
     os.chmod(root, 0o755)
-    torch.manual_seed(0)
-    net = timm.create_model('sila_resnet18', num_classes=2)
+    net = build_sila('resnet18', 2)[0]
     train_py_checkpoint(root / 'ckpt.pth.tar', net, 'sila_resnet18', args_as_dict=True, img_size=32)
     os.chmod(root / 'ckpt.pth.tar', 0o644)
     image_folder(root / 'data', splits=('test', 'val'))

@@ -22,7 +22,7 @@ from PIL import Image
 import timm
 from timm.data import create_transform
 
-from conftest import image_folder, run_in_fresh_process, train_py_checkpoint
+from conftest import build_sila, image_folder, run_in_fresh_process, train_py_checkpoint
 from timm_sila.data.folder import (ImageFolderDataset, ImageFolderError, ImageReadError, class_names_from_config,
                             image_loader, image_mode)
 from timm_sila.measure.evaluate import evaluate
@@ -285,8 +285,7 @@ def test_cli_exit_curve_runs_an_in_chans_1_checkpoint(gray, capfd):
 @pytest.fixture(scope='module')
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp('ckpt')
-    torch.manual_seed(0)
-    net = timm.create_model('sila_test_resnet', num_classes=2)
+    net = build_sila('test_resnet', 2)[0]
     train_py_checkpoint(root / 'ckpt.pth.tar', net, 'sila_test_resnet', args_as_dict=True, img_size=32)
     return root / 'ckpt.pth.tar'
 
@@ -317,8 +316,7 @@ def test_cli_bad_folder_is_one_line_exit_2(ckpt, tmp_path, capfd, change, argv, 
                                          ({'0': 'c1', '1': 'c0'}, 'not in sorted order')])
 def test_cli_eval_checks_the_class_names_a_stripped_folder_records(tmp_path, capfd, names, error):
     from timm_sila import strip
-    torch.manual_seed(0)
-    folder = strip(timm.create_model('sila_test_resnet', num_classes=2), 0, tmp_path / 'b0', img_size=32)
+    folder = strip(build_sila('test_resnet', 2)[0], 0, tmp_path / 'b0', img_size=32)
     config = json.loads((folder / 'config.json').read_text())
     (folder / 'config.json').write_text(json.dumps(dict(config, label_names=names)))  # as timm's hub config holds them
     image_folder(tmp_path / 'data' / 'test', splits=None)

@@ -12,6 +12,7 @@ import torch
 import timm
 from safetensors.torch import load_file, save_file
 
+from conftest import build_sila
 from timm_sila.config import CheckpointError
 from timm_sila.exits.early_exit import EarlyExit
 
@@ -20,14 +21,12 @@ NAN, INF = float('nan'), float('inf')
 
 @pytest.fixture(scope='module')
 def model():
-    torch.manual_seed(0)
-    return timm.create_model('sila_resnet18', num_classes=10).eval()
+    return build_sila('resnet18')[0].eval()
 
 
 @pytest.fixture(scope='module')
 def small():
-    torch.manual_seed(0)
-    return timm.create_model('sila_test_resnet', num_classes=2).eval()
+    return build_sila('test_resnet', 2)[0].eval()
 
 
 @pytest.fixture(scope='module')
@@ -98,8 +97,7 @@ def test_refuses_token_models_at_construction(arch, kwargs):
 
 
 def test_construction_check_keeps_train_mode_and_batch_norm_statistics():
-    torch.manual_seed(0)
-    model = timm.create_model('sila_test_resnet', num_classes=10).train()
+    model = build_sila('test_resnet')[0].train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     EarlyExit(model, thresholds=0.5, input_size=(3, 32, 32))
     assert model.training and all(m.training for m in model.modules())

@@ -89,8 +89,7 @@ def test_stripped_branch_folder(sila, tmp_path):
 
 
 def test_topk_capped_by_classes_and_empty_loader():
-    torch.manual_seed(0)
-    model = timm.create_model('sila_resnet18', num_classes=3).eval()
+    model = build_sila('resnet18', 3)[0].eval()
     x, y = _data(10, num_classes=3)
     result = evaluate(model, _loader(x, y))
     assert result['topk'] == 3

@@ -6,11 +6,9 @@ import math
 
 import pytest
 import torch
-
-import timm
 from safetensors.torch import save_file
 
-from conftest import image_folder
+from conftest import build_sila, image_folder
 from timm_sila.cli import main
 from timm_sila.exits.calibration import TEMPERATURE_BOUNDS, simulate_exits
 from timm_sila.exits.early_exit import EarlyExit
@@ -28,8 +26,7 @@ def _loader(seed, n=24, batch=8):
 
 @pytest.fixture(scope='module')
 def model():
-    torch.manual_seed(0)
-    return timm.create_model('sila_resnet18', num_classes=4).eval()
+    return build_sila('resnet18', 4)[0].eval()
 
 
 def test_curve_rows_and_calibration_only_thresholds(model):
@@ -52,8 +49,7 @@ def test_curve_rows_and_calibration_only_thresholds(model):
 
 def test_cli_end_to_end(tmp_path, capsys):
     image_folder(tmp_path / 'data', classes=('a', 'b'), n=6, splits=('val', 'test'))
-    torch.manual_seed(0)
-    model = timm.create_model('sila_resnet18', num_classes=2)
+    model = build_sila('resnet18', 2)[0]
     save_file(model.state_dict(), str(tmp_path / 'sila.safetensors'))
     args = ['exit-curve', '--model', 'sila_resnet18', '--checkpoint', str(tmp_path / 'sila.safetensors'),
             '--data-dir', str(tmp_path / 'data'), '--calib-split', 'val', '--num-classes', '2', '--img-size', '32',
@@ -72,8 +68,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 @pytest.fixture(scope='module')
 def small():
-    torch.manual_seed(0)
-    return timm.create_model('sila_test_resnet', num_classes=4).eval()
+    return build_sila('test_resnet', 4)[0].eval()
 
 
 @pytest.mark.parametrize('points', [1, 3, 5])
@@ -170,8 +165,7 @@ def test_verdict_decides_from_measured_speedups(points, branches, max_drop, expe
 def _cannot_pay(num_classes=2):
     """A SilaNet whose early exits can only cost accuracy: every auxiliary head answers uniform logits (class 0, the
     same confidence for every sample) and the base head always answers class 1, the label of most samples."""
-    torch.manual_seed(0)
-    net = timm.create_model('sila_test_resnet', num_classes=num_classes).eval()
+    net = build_sila('test_resnet', num_classes)[0].eval()
     with torch.no_grad():
         for head in net.heads.values():
             head.weight.zero_()
@@ -266,8 +260,7 @@ def test_cli_table_ends_with_the_verdict(cannot_pay, tmp_path, capsys):
 # --- bad values: refused by exit_curve, one line with exit status 2 on the command line -------------------------
 @pytest.fixture(scope='module')
 def binary():
-    torch.manual_seed(0)
-    return timm.create_model('sila_test_resnet', num_classes=2).eval()
+    return build_sila('test_resnet', 2)[0].eval()
 
 
 def _binary_loader(n, seed=0, batch=8):

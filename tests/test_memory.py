@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import timm
-from conftest import image_folder, run_in_fresh_process, train_py_checkpoint
+from conftest import build_sila, image_folder, run_in_fresh_process, train_py_checkpoint
 from timm_sila.measure.sizes import MemoryBoundError, available_memory, batch_memory, check_batch_fits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,8 +91,7 @@ def test_available_memory_is_read_from_the_system():
 def work(tmp_path_factory):
     """A SilaNet checkpoint and an image folder (val, test): what the commands read."""
     root = tmp_path_factory.mktemp('bounds')
-    torch.manual_seed(0)
-    net = timm.create_model('sila_test_resnet', num_classes=2)
+    net = build_sila('test_resnet', 2)[0]
     train_py_checkpoint(root / 'ckpt.pth.tar', net, 'sila_test_resnet', args_as_dict=True, img_size=32)
     image_folder(root / 'data', classes=('a', 'b'), n=1, splits=('val', 'test'))
     return root

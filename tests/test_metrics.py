@@ -11,8 +11,7 @@ import re
 import pytest
 import torch
 
-import timm
-
+from conftest import build_sila
 from timm_sila import load_stripped, strip
 from timm_sila.measure.bench import bench_branches, read_metrics
 from timm_sila.measure.metrics import MAX_JSON_DEPTH, MAX_METRICS_BYTES, MetricsError, check_params, read_eval_metrics
@@ -109,8 +108,7 @@ def test_a_fifo_is_refused_at_once(tmp_path):
 
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    net = timm.create_model('sila_test_resnet', num_classes=2).eval()
+    net = build_sila('test_resnet', 2)[0].eval()
     return net, strip(net, 1, tmp_path_factory.mktemp('card') / 'b1', img_size=32)
 
 

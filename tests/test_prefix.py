@@ -41,6 +41,8 @@ def _classifier_name(base):
 
 
 def _resnet18(**kwargs):
+    if not kwargs:
+        return build_sila('resnet18')[0]
     torch.manual_seed(0)
     return timm.create_model('sila_resnet18', num_classes=10, **kwargs)
 

@@ -13,7 +13,7 @@ import timm
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import branch_logits, eval_logits, randomize_bn, train_py_checkpoint
+from conftest import branch_logits, build_sila, eval_logits, randomize_bn, train_py_checkpoint
 from timm_sila import CheckpointError, SilaNet, load_stripped, strip
 from timm_sila.io.atomic import MANIFEST_NAME, ForeignFilesError
 
@@ -24,8 +24,7 @@ KEPT = {1: ('conv1', 'bn1', 'layer1', 'layer2', 'layer3'), 2: ('conv1', 'bn1', '
 
 @pytest.fixture(scope='module')
 def trained():
-    torch.manual_seed(0)
-    net = randomize_bn(timm.create_model('sila_resnet18', num_classes=10), seed=1).eval()
+    net = randomize_bn(build_sila('resnet18')[0], seed=1).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     return net, x
 

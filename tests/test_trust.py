@@ -25,7 +25,7 @@ import timm
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import image_folder, run_in_fresh_process, snapshot, train_py_checkpoint
+from conftest import build_sila, image_folder, run_in_fresh_process, snapshot, train_py_checkpoint
 from timm_sila import load_stripped, strip
 from timm_sila.io.checkpoint import load_silanet, read_checkpoint
 from timm_sila.config import (
@@ -40,8 +40,7 @@ pytestmark = pytest.mark.usefixtures('no_network')
 
 @pytest.fixture(scope='module')
 def net():
-    torch.manual_seed(0)
-    return timm.create_model(ARCH, num_classes=10).eval()
+    return build_sila('test_resnet')[0].eval()
 
 
 def x_input():
@@ -390,8 +389,8 @@ def hostile_runs(tmp_path_factory):
     """Every case of CASES run in one fresh Python process; {case id: what the runner recorded}."""
     work = tmp_path_factory.mktemp('hostile')
     image_folder(work / 'data', classes=1, n=1)
+    resnet = build_sila('test_resnet')[0].eval()
     torch.manual_seed(0)
-    resnet = timm.create_model('sila_test_resnet', num_classes=10).eval()
     vit = timm.create_model('sila_test_vit', num_classes=10, img_size=32).eval()
     cases = []
     for case_id, make, command, _ in CASES:
