@@ -1,5 +1,6 @@
-"""What several test files share: models built once per test run, the files the commands read (an image folder, a
-timm train.py checkpoint), a tree snapshot, and the no-network fixture."""
+"""What several test files share: models built once per test run; the files commands read (an image folder, a timm
+train.py checkpoint, a strip folder); a tree snapshot, the no-network fixture and a small tmpfs; the runner that
+times CLI commands in one fresh process."""
 import argparse
 import copy
 import errno
@@ -22,6 +23,8 @@ import timm_sila  # registers sila_* names
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+# --- models: built once per test run, handed out as copies -----------------------------------------------------
 # The paper's six architectures plus other families, each at a small input it accepts: (model kwargs, input size).
 REPRESENTATIVE = {
     'resnet18': ({}, 32),
@@ -98,123 +101,7 @@ def eval_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(x)
 
 
-# For scripts the tests run in a fresh interpreter: this process's own peak resident memory in MB. VmHWM belongs to
-# the process's own address space; ru_maxrss would also count the parent's memory at fork time, which exec records.
-PEAK_RSS_MB = "[int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0] / 1024"
-
-
-# Runs the cases of run_in_fresh_process in one process (imports first: they are no case's work).
-_FRESH_RUNNER = r'''
-import json, os, resource, socket, sys, time
-cases, root, report = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
-attempts = []
-def refuse(*args, **kwargs):
-    attempts.append(repr(args[1:2] or args[:1]))
-    raise OSError('network access refused by the test')
-socket.socket.connect = socket.socket.connect_ex = socket.create_connection = socket.getaddrinfo = refuse
-import timm_sila, timm_sila.measure.evaluate, timm_sila.ship.export, timm_sila.measure.bench, timm_sila.exits.curve
-from timm_sila.exits.early_exit import EarlyExit
-from timm_sila_cli import error_line, main
-try:  # a regression must fail the test, not swap the machine: address space = after imports + 4 GiB
-    size = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize:')][0] * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (size + (4 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
-except (OSError, ValueError, IndexError):
-    pass
-baseline = ''' + PEAK_RSS_MB + r'''
-def snapshot():
-    return sorted((os.path.relpath(os.path.join(d, n), root), os.lstat(os.path.join(d, n)).st_size,
-                   os.lstat(os.path.join(d, n)).st_mtime_ns) for d, dirs, files in os.walk(root) for n in dirs + files)
-results = {}
-for case in cases:
-    before, tried = snapshot(), len(attempts)
-    captured = {}
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    files = {fd: open(os.path.join(os.path.dirname(report), f'fd{fd}.txt'), 'w+b') for fd in (1, 2)}
-    for fd in (1, 2):
-        os.dup2(files[fd].fileno(), fd)
-    wall, cpu = time.perf_counter(), time.process_time()
-    try:
-        if case['kind'] == 'cli':
-            rc = main(case['argv'])
-        else:
-            try:
-                EarlyExit.load(case['path'])
-                rc = 0
-            except ValueError as e:
-                print(f'EarlyExit.load: error: {error_line(e)}', file=sys.stderr)
-                rc = 2
-    except BaseException as e:
-        import traceback
-        traceback.print_exc()
-        rc = f'{type(e).__name__}'
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    sys.stdout.flush(); sys.stderr.flush()
-    for fd in (1, 2):
-        os.dup2(saved[fd], fd)
-        files[fd].seek(0)
-        captured[fd] = files[fd].read().decode('utf-8', 'replace')
-        files[fd].close()
-    results[case['id']] = dict(rc=rc, stdout=captured[1], stderr=captured[2], cpu=cpu, wall=wall,
-                               rss_mb=''' + PEAK_RSS_MB + r''', baseline_mb=baseline,
-                               connects=attempts[tried:], changed=snapshot() != before)
-json.dump(results, open(report, 'w'))
-'''
-
-
-def run_in_fresh_process(cases: Sequence[dict], root: Path, scratch: Path, env: Optional[dict] = None,
-                         timeout: float = 600) -> dict:
-    """Run `cases` one after another in ONE fresh Python process, this checkout first on its path, every
-    connection and name lookup refused, its address space capped at its size after the imports + 4 GiB (a
-    regression fails the test rather than swap the machine). A case is dict(id=..., kind='cli', argv=[...]) for
-    `timm_sila_cli.main`, or dict(id=..., kind='early_exit', path=...) for EarlyExit.load, reported as the CLI
-    reports errors. Returns {id: dict(rc, stdout, stderr, cpu, wall, rss_mb, baseline_mb, connects, changed)}: the
-    exit status (or the name of the exception that escaped), what reached file descriptors 1 and 2, the case's CPU
-    and wall seconds, the process's peak RSS after the case and after the imports (MB), the connections attempted,
-    and whether anything under `root` changed. `scratch`: a folder for the runner's own files; `env`: added to
-    this process's environment."""
-    (scratch / 'cases.json').write_text(json.dumps(list(cases)))
-    path = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get('PYTHONPATH')] if p])
-    run = subprocess.run([sys.executable, '-c', _FRESH_RUNNER, str(scratch / 'cases.json'), str(root),
-                          str(scratch / 'report.json')], capture_output=True, text=True, timeout=timeout,
-                         env=dict(os.environ, **(env or {}), PYTHONPATH=path))
-    assert run.returncode == 0 and (scratch / 'report.json').exists(), run.stderr[-3000:]
-    return json.loads((scratch / 'report.json').read_text())
-
-
-# --- what a test compares before and after, and what it may not do -------------------------------------------------
-def snapshot(root: Path, folders: bool = False) -> dict:
-    """Every path under root: a file's size and modification time and whether it is a link; with `folders`, each
-    folder's size and modification time too (so an entry made and removed inside it shows)."""
-    def entry(p):
-        st = p.lstat()
-        if p.is_dir():
-            return ('dir', p.is_symlink()) + ((st.st_size, st.st_mtime_ns) if folders else ())
-        return p.is_symlink(), st.st_size, st.st_mtime_ns
-    return {str(p.relative_to(root)): entry(p) for p in sorted(root.rglob('*'))}
-
-
-@pytest.fixture
-def no_network(monkeypatch, tmp_path):
-    """Any connection attempt or name lookup fails (and is recorded: the list is yielded); hub / torch caches point
-    into tmp_path, so a download would show in a snapshot of it too. The test fails if anything was attempted."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        address = args[1] if args and isinstance(args[0], socket.socket) else args[:2]
-        attempts.append(address)
-        raise OSError(errno.ENETUNREACH, f'test: network access to {address} refused')
-
-    monkeypatch.setattr(socket.socket, 'connect', refuse)
-    monkeypatch.setattr(socket.socket, 'connect_ex', refuse)
-    monkeypatch.setattr(socket, 'getaddrinfo', refuse)
-    for var in ('HF_HOME', 'TORCH_HOME', 'XDG_CACHE_HOME'):
-        monkeypatch.setenv(var, str(tmp_path / 'cache'))
-    monkeypatch.setenv('HF_HUB_OFFLINE', '0')
-    yield attempts
-    assert attempts == [], f'network access attempted: {attempts}'
-
-
-# --- the files commands read: an image folder, a timm train.py checkpoint -----------------------------------------
+# --- the files commands read: an image folder, a timm train.py checkpoint, a strip folder ----------------------
 def image_folder(root: Path, classes: Union[int, Sequence[str]] = 2, n: Union[int, Mapping[str, int]] = 3,
                  splits: Optional[Sequence[str]] = ('test',), size: int = 32, seed: int = 0) -> Path:
     """An ImageFolder tree of random RGB PNG images (lossless: a reader gets these pixels back exactly):
@@ -314,6 +201,39 @@ def stripped_copy(stripped):
     return lambda branch, dest: Path(shutil.copytree(stripped[branch], dest))
 
 
+# --- what a test compares before and after, what it may not do, where the disk is full -------------------------
+def snapshot(root: Path, folders: bool = False) -> dict:
+    """Every path under root: a file's size and modification time and whether it is a link; with `folders`, each
+    folder's size and modification time too (so an entry made and removed inside it shows)."""
+    def entry(p):
+        st = p.lstat()
+        if p.is_dir():
+            return ('dir', p.is_symlink()) + ((st.st_size, st.st_mtime_ns) if folders else ())
+        return p.is_symlink(), st.st_size, st.st_mtime_ns
+    return {str(p.relative_to(root)): entry(p) for p in sorted(root.rglob('*'))}
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Any connection attempt or name lookup fails (and is recorded: the list is yielded); hub / torch caches point
+    into tmp_path, so a download would show in a snapshot of it too. The test fails if anything was attempted."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        address = args[1] if args and isinstance(args[0], socket.socket) else args[:2]
+        attempts.append(address)
+        raise OSError(errno.ENETUNREACH, f'test: network access to {address} refused')
+
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket.socket, 'connect_ex', refuse)
+    monkeypatch.setattr(socket, 'getaddrinfo', refuse)
+    for var in ('HF_HOME', 'TORCH_HOME', 'XDG_CACHE_HOME'):
+        monkeypatch.setenv(var, str(tmp_path / 'cache'))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '0')
+    yield attempts
+    assert attempts == [], f'network access attempted: {attempts}'
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """tmpfs(size) -> a folder on a new tmpfs of that size ('1m', ...), unmounted after the test: a full disk for
@@ -336,3 +256,87 @@ def tmpfs(tmp_path):
     yield mount
     for path in mounts:
         subprocess.run(['umount', str(path)], capture_output=True, timeout=30)
+
+
+# --- commands in one fresh process: exit status, output, time and peak memory of each --------------------------
+# For scripts the tests run in a fresh interpreter: this process's own peak resident memory in MB. VmHWM belongs to
+# the process's own address space; ru_maxrss would also count the parent's memory at fork time, which exec records.
+PEAK_RSS_MB = "[int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0] / 1024"
+
+
+# Runs the cases of run_in_fresh_process in one process (imports first: they are no case's work).
+_FRESH_RUNNER = r'''
+import json, os, resource, socket, sys, time
+cases, root, report = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+attempts = []
+def refuse(*args, **kwargs):
+    attempts.append(repr(args[1:2] or args[:1]))
+    raise OSError('network access refused by the test')
+socket.socket.connect = socket.socket.connect_ex = socket.create_connection = socket.getaddrinfo = refuse
+import timm_sila, timm_sila.measure.evaluate, timm_sila.ship.export, timm_sila.measure.bench, timm_sila.exits.curve
+from timm_sila.exits.early_exit import EarlyExit
+from timm_sila_cli import error_line, main
+try:  # a regression must fail the test, not swap the machine: address space = after imports + 4 GiB
+    size = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize:')][0] * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (size + (4 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+except (OSError, ValueError, IndexError):
+    pass
+baseline = ''' + PEAK_RSS_MB + r'''
+def snapshot():
+    return sorted((os.path.relpath(os.path.join(d, n), root), os.lstat(os.path.join(d, n)).st_size,
+                   os.lstat(os.path.join(d, n)).st_mtime_ns) for d, dirs, files in os.walk(root) for n in dirs + files)
+results = {}
+for case in cases:
+    before, tried = snapshot(), len(attempts)
+    captured = {}
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    files = {fd: open(os.path.join(os.path.dirname(report), f'fd{fd}.txt'), 'w+b') for fd in (1, 2)}
+    for fd in (1, 2):
+        os.dup2(files[fd].fileno(), fd)
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        if case['kind'] == 'cli':
+            rc = main(case['argv'])
+        else:
+            try:
+                EarlyExit.load(case['path'])
+                rc = 0
+            except ValueError as e:
+                print(f'EarlyExit.load: error: {error_line(e)}', file=sys.stderr)
+                rc = 2
+    except BaseException as e:
+        import traceback
+        traceback.print_exc()
+        rc = f'{type(e).__name__}'
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    sys.stdout.flush(); sys.stderr.flush()
+    for fd in (1, 2):
+        os.dup2(saved[fd], fd)
+        files[fd].seek(0)
+        captured[fd] = files[fd].read().decode('utf-8', 'replace')
+        files[fd].close()
+    results[case['id']] = dict(rc=rc, stdout=captured[1], stderr=captured[2], cpu=cpu, wall=wall,
+                               rss_mb=''' + PEAK_RSS_MB + r''', baseline_mb=baseline,
+                               connects=attempts[tried:], changed=snapshot() != before)
+json.dump(results, open(report, 'w'))
+'''
+
+
+def run_in_fresh_process(cases: Sequence[dict], root: Path, scratch: Path, env: Optional[dict] = None,
+                         timeout: float = 600) -> dict:
+    """Run `cases` one after another in ONE fresh Python process, this checkout first on its path, every
+    connection and name lookup refused, its address space capped at its size after the imports + 4 GiB (a
+    regression fails the test rather than swap the machine). A case is dict(id=..., kind='cli', argv=[...]) for
+    `timm_sila_cli.main`, or dict(id=..., kind='early_exit', path=...) for EarlyExit.load, reported as the CLI
+    reports errors. Returns {id: dict(rc, stdout, stderr, cpu, wall, rss_mb, baseline_mb, connects, changed)}: the
+    exit status (or the name of the exception that escaped), what reached file descriptors 1 and 2, the case's CPU
+    and wall seconds, the process's peak RSS after the case and after the imports (MB), the connections attempted,
+    and whether anything under `root` changed. `scratch`: a folder for the runner's own files; `env`: added to
+    this process's environment."""
+    (scratch / 'cases.json').write_text(json.dumps(list(cases)))
+    path = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get('PYTHONPATH')] if p])
+    run = subprocess.run([sys.executable, '-c', _FRESH_RUNNER, str(scratch / 'cases.json'), str(root),
+                          str(scratch / 'report.json')], capture_output=True, text=True, timeout=timeout,
+                         env=dict(os.environ, **(env or {}), PYTHONPATH=path))
+    assert run.returncode == 0 and (scratch / 'report.json').exists(), run.stderr[-3000:]
+    return json.loads((scratch / 'report.json').read_text())
