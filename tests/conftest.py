@@ -1,6 +1,6 @@
 """What several test files share: models built once per test run; the files commands read (an image folder, a timm
-train.py checkpoint, a strip folder); a tree snapshot, the no-network fixture and a small tmpfs; the runner that
-times CLI commands in one fresh process."""
+train.py checkpoint, an EarlyExit file, a strip folder); a tree snapshot, the no-network fixture and a small tmpfs;
+the runner that times CLI commands in one fresh process."""
 import argparse
 import copy
 import errno
@@ -19,7 +19,11 @@ import torch
 from PIL import Image
 
 import timm
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 import timm_sila  # registers sila_* names
+from timm_sila.exits.early_exit import EarlyExit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +105,7 @@ def eval_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(x)
 
 
-# --- the files commands read: an image folder, a timm train.py checkpoint, a strip folder ----------------------
+# --- the files commands read: an image folder, a train.py checkpoint, an EarlyExit file, a strip folder -------
 def image_folder(root: Path, classes: Union[int, Sequence[str]] = 2, n: Union[int, Mapping[str, int]] = 3,
                  splits: Optional[Sequence[str]] = ('test',), size: int = 32, seed: int = 0) -> Path:
     """An ImageFolder tree of random RGB PNG images (lossless: a reader gets these pixels back exactly):
@@ -181,6 +185,19 @@ def train_py_checkpoint(path: Path, net: torch.nn.Module, arch: str, *, ema: Opt
         ckpt['state_dict_ema'] = ema.state_dict()
     ckpt.update(entries or {})
     torch.save(ckpt, path)
+    return Path(path)
+
+
+def early_exit_file(path: Path, net: torch.nn.Module, meta_text: Optional[str] = None, **changes) -> Path:
+    """An EarlyExit file of `net` (thresholds 0.5) at path, its metadata changed as a stranger's file could be:
+    num_classes replaced at the top level, any other key in model_args; or its text replaced by `meta_text`."""
+    EarlyExit(net, thresholds=0.5).save(path)
+    with safe_open(str(path), framework='pt') as f:
+        meta = json.loads(f.metadata()['timm_sila'])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for key, value in changes.items():
+        (meta['model_args'] if key != 'num_classes' else meta)[key] = value
+    save_file(tensors, str(path), metadata={'timm_sila': meta_text or json.dumps(meta)})
     return Path(path)
 
 

@@ -19,7 +19,7 @@ import torch
 import timm
 from safetensors.torch import load_file, save_file
 
-from conftest import build_sila, snapshot, train_py_args, train_py_checkpoint
+from conftest import build_sila, early_exit_file, snapshot, train_py_args, train_py_checkpoint
 
 from timm_sila import load_stripped, strip
 from timm_sila.io.checkpoint import build_checked, load_silanet, read_checkpoint
@@ -223,19 +223,6 @@ def _config_file(tmp, net, branch=1, **model_args):
     return export
 
 
-def _early_exit_file(tmp, net, **meta_changes):
-    path = tmp / 'exit.safetensors'
-    EarlyExit(net, thresholds=0.5).save(path)
-    from safetensors import safe_open
-    with safe_open(str(path), framework='pt') as f:
-        meta = json.loads(f.metadata()['timm_sila'])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for key, value in meta_changes.items():
-        (meta['model_args'] if key != 'num_classes' else meta)[key] = value
-    save_file(tensors, str(path), metadata={'timm_sila': json.dumps(meta)})
-    return path
-
-
 @pytest.fixture(scope='module')
 def vit():
     torch.manual_seed(0)
@@ -259,9 +246,9 @@ DISAGREEMENTS = {
                                 ['model_args.num_classes = 200000', 'config.json', 'hold 10 classes']),
     'config.json ViT depth': (lambda t, n, v: _config_file(t, v, 0, depth=40), load_stripped,
                               ['model_args.depth = 40', 'blocks', 'config.json']),
-    'early-exit num_classes': (lambda t, n, v: _early_exit_file(t, n, num_classes=200_000), EarlyExit.load,
-                               ['num_classes = 200000', 'hold 10 classes']),
-    'early-exit in_chans': (lambda t, n, v: _early_exit_file(t, n, in_chans=7), EarlyExit.load,
+    'early-exit num_classes': (lambda t, n, v: early_exit_file(t / 'exit.safetensors', n, num_classes=200_000),
+                               EarlyExit.load, ['num_classes = 200000', 'hold 10 classes']),
+    'early-exit in_chans': (lambda t, n, v: early_exit_file(t / 'exit.safetensors', n, in_chans=7), EarlyExit.load,
                             ['model_args.in_chans = 7', 'take 3 input channels']),
 }
 
@@ -319,7 +306,7 @@ def test_timm_errors_on_file_values_are_one_checkpoint_error(nets, tmp_path, rea
     elif reader == 'config.json':
         path, read = _config_file(tmp_path, net, **kwargs), load_stripped
     else:
-        path, read = _early_exit_file(tmp_path, net, **kwargs), EarlyExit.load
+        path, read = early_exit_file(tmp_path / 'exit.safetensors', net, **kwargs), EarlyExit.load
     key, value = next(iter(kwargs.items()))
     with pytest.raises(CheckpointError) as info:
         read(path)

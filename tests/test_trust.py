@@ -22,16 +22,13 @@ import pytest
 import torch
 
 import timm
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from conftest import build_sila, image_folder, run_in_fresh_process, snapshot, train_py_checkpoint
+from conftest import build_sila, early_exit_file, image_folder, run_in_fresh_process, snapshot, train_py_checkpoint
 from timm_sila import load_stripped, strip
 from timm_sila.io.checkpoint import load_silanet, read_checkpoint
 from timm_sila.config import (
     FILE_LIMITS, FILE_MODEL_KWARGS, CheckpointError, UnsafeFileError, bound_violation, parse_file_json,
     sanitize_file_data_config, sanitize_file_model_kwargs)
-from timm_sila.exits.early_exit import EarlyExit
 
 ARCH = 'sila_test_resnet'  # timm's 0.4M-parameter test ResNet: taps layer3, layer1
 
@@ -302,18 +299,6 @@ def _deflated_storage(path: Path, mib: int = 512) -> Path:
     return path
 
 
-def _early_exit(path: Path, net, meta_text=None, **model_args) -> Path:
-    source = path.with_name('exit_source.safetensors')
-    if not source.exists():
-        EarlyExit(net, thresholds=0.5).save(source)
-    with safe_open(str(source), framework='pt') as f:
-        meta = json.loads(f.metadata()['timm_sila'])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta['model_args'].update(model_args)
-    save_file(tensors, str(path), metadata={'timm_sila': meta_text or json.dumps(meta)})
-    return path
-
-
 def _integer_weights(path: Path) -> Path:
     """A plain test_resnet state_dict with one weight stored as integers."""
     state = timm.create_model('test_resnet', num_classes=10).state_dict()
@@ -373,13 +358,13 @@ CASES = [
      ['config.json', "act_layer='nope'", 'KeyError']),
     ('config.json 200,000 levels deep (export)', lambda w, r, v: _folder(w, r, 'deep', config_text=DEEP),
      ['export', '{w}/deep', '--format', 'pt2', '--out', '{w}/out.pt2'], ['config.json', 'nests 200000 levels']),
-    ('early-exit in_chans 1e8', lambda w, r, v: _early_exit(w / 'ee_chans.safetensors', r, in_chans=10 ** 8),
+    ('early-exit in_chans 1e8', lambda w, r, v: early_exit_file(w / 'ee_chans.safetensors', r, in_chans=10 ** 8),
      'ee_chans.safetensors', ['in_chans=100000000', '1024']),
-    ('early-exit output_stride 7', lambda w, r, v: _early_exit(w / 'ee_os.safetensors', r, output_stride=7),
+    ('early-exit output_stride 7', lambda w, r, v: early_exit_file(w / 'ee_os.safetensors', r, output_stride=7),
      'ee_os.safetensors', ['output_stride=7', '(8, 16, 32)']),
-    ('early-exit global_pool "nope"', lambda w, r, v: _early_exit(w / 'ee_gp.safetensors', r, global_pool='nope'),
+    ('early-exit global_pool "nope"', lambda w, r, v: early_exit_file(w / 'ee_gp.safetensors', r, global_pool='nope'),
      'ee_gp.safetensors', ["global_pool='nope'", 'AssertionError']),
-    ('early-exit metadata 200,000 levels deep', lambda w, r, v: _early_exit(w / 'ee_deep.safetensors', r, DEEP),
+    ('early-exit metadata 200,000 levels deep', lambda w, r, v: early_exit_file(w / 'ee_deep.safetensors', r, DEEP),
      'ee_deep.safetensors', ['ee_deep.safetensors', 'nests 200000 levels']),
 ]
 
@@ -399,7 +384,6 @@ def hostile_runs(tmp_path_factory):
             cases.append(dict(id=case_id, kind='early_exit', path=str(work / command)))
         else:
             cases.append(dict(id=case_id, kind='cli', argv=[a.replace('{w}', str(work)) for a in command]))
-    (work / 'exit_source.safetensors').unlink()
     cache = dict(HF_HOME=str(work / 'cache'), TORCH_HOME=str(work / 'cache'), XDG_CACHE_HOME=str(work / 'cache'))
     return run_in_fresh_process(cases, work, tmp_path_factory.mktemp('runner'), env=cache), work
 
