@@ -23,7 +23,8 @@ reproduce: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# development loop: leaves out the tests marked slow (over 20 s each); `make test` and CI run everything
+# development loop: leaves out the tests marked slow (defined by the marker in pyproject.toml); `make test` and CI
+# run everything
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 

@@ -8,7 +8,6 @@ EarlyExit.save, write_model_card and exit-curve --save / --png.
    failed write, two writers at once.
 Each refusal is one line (CLI: exit status 2), leaves the existing files' bytes as they were and no temp file.
 """
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -23,13 +22,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 import timm
 from safetensors.torch import save_file
 
 import timm_sila.io.atomic as atomic
 import timm_sila.ship.strip as shipping
-from timm_sila import load_stripped, strip
+from conftest import branch_logits, build_sila, eval_logits, image_folder, randomize_bn, train_py_checkpoint
+from timm_sila import SilaNet, load_stripped, strip
 from timm_sila.io.atomic import (
     MANIFEST_NAME, MARKER_NAME, TMP_PREFIX, ForeignFilesError, OutputBusyError, OutputExistsError, OutputWriteError,
     SourceInOutputError, atomic_output_dir, atomic_write_file, check_output_dir, read_manifest)
@@ -46,31 +47,15 @@ MINE = b'the user\'s own file\n'
 # --- fixtures and helpers -------------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def net():
-    torch.manual_seed(0)
-    return timm.create_model(ARCH, num_classes=2).eval()
-
-
-def train_checkpoint(path: Path, net) -> Path:
-    """A timm train.py checkpoint of `net` (32x32 inputs)."""
-    args = argparse.Namespace(model=ARCH, num_classes=2, model_kwargs={}, img_size=32, input_size=None,
-                              in_chans=None, mean=None, std=None, crop_pct=None, interpolation='')
-    torch.save(dict(epoch=1, arch=ARCH, state_dict=net.state_dict(), args=args), path)
-    return path
+    return build_sila('test_resnet', 2)[0].eval()
 
 
 @pytest.fixture(scope='module')
 def inputs(tmp_path_factory, net):
     """A checkpoint and an image folder (test, val) that the commands read."""
-    from PIL import Image
     root = tmp_path_factory.mktemp('given')
-    train_checkpoint(root / 'ckpt.pth.tar', net)
-    g = torch.Generator().manual_seed(0)
-    for split in ('test', 'val'):
-        for c in range(2):
-            (root / 'data' / split / f'c{c}').mkdir(parents=True)
-            for i in range(2):
-                px = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
-                Image.fromarray(px).save(root / 'data' / split / f'c{c}' / f'{i}.png')
+    train_py_checkpoint(root / 'ckpt.pth.tar', net, ARCH, img_size=32)
+    image_folder(root / 'data', n=2, splits=('test', 'val'))
     return root
 
 
@@ -611,25 +596,25 @@ def test_temp_folder_holding_previous_files_is_left_for_the_next_writer(tmp_path
     assert (left[0] / 'previous' / 'config.json').read_bytes() == old['config.json'] and 'Kept' in caplog.text
 
 
-# --- the writers' other guarantees (moved here from the trust tests) ------------------------------------------------
+# --- the writers' other guarantees: inputs, temp folders, concurrent writers, failed writes ---------------------
 @pytest.mark.parametrize('where', ['inside', 'is_out_dir', 'is_weights_file', 'nested', 'symlinked_out_dir'])
 def test_source_inside_output_refused(net, tmp_path, where):
     out = tmp_path / 'out'
     strip(net, 2, out)  # a previous export
     if where == 'inside':
-        source = train_checkpoint(out / 'last.pth.tar', net)
+        source = train_py_checkpoint(out / 'last.pth.tar', net, ARCH, img_size=32)
     elif where == 'nested':
         (out / 'runs').mkdir()
-        source = train_checkpoint(out / 'runs' / 'last.pth.tar', net)
+        source = train_py_checkpoint(out / 'runs' / 'last.pth.tar', net, ARCH, img_size=32)
     elif where == 'is_weights_file':
         save_file(net.state_dict(), str(out / 'full.safetensors'))
         os.replace(out / 'full.safetensors', out / 'model.safetensors')
         source = out / 'model.safetensors'
     elif where == 'is_out_dir':
-        source = train_checkpoint(tmp_path / 'last.pth.tar', net)
+        source = train_py_checkpoint(tmp_path / 'last.pth.tar', net, ARCH, img_size=32)
         out = source
     else:
-        train_checkpoint(out / 'last.pth.tar', net)
+        train_py_checkpoint(out / 'last.pth.tar', net, ARCH, img_size=32)
         (tmp_path / 'link').symlink_to(out)
         source, out = tmp_path / 'link' / 'last.pth.tar', out
     before = tree(tmp_path)
@@ -772,35 +757,20 @@ def test_failed_overwrite_keeps_previous_export(net, tmp_path, monkeypatch, fail
     assert tree(tmp_path) == before
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
-    path.mkdir()
-    try:
-        run = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
-                             capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return run.returncode == 0
-
-
 @pytest.mark.skipif(sys.platform != 'linux', reason='tmpfs')
-def test_disk_full_on_small_tmpfs(net, tmp_path):
-    disk = tmp_path / 'disk'
-    if not _mount_tmpfs(disk, '1m'):
-        pytest.skip('cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)')
-    try:
-        out = disk / 'out'
-        strip(net, 2, out)  # ~0.1 MB: fits
-        before = tree(disk)
-        with pytest.raises(OutputWriteError, match='No space left on device') as info:
-            strip(net, 0, out, overwrite=True)  # ~1.6 MB: does not
-        assert info.value.errno == errno.ENOSPC
-        assert tree(disk) == before
-        assert load_stripped(out).branch == 2
-        with pytest.raises(OutputWriteError, match='No space left on device'):
-            strip(net, 0, disk / 'new')
-        assert sorted(p.name for p in disk.iterdir()) == ['out']
-    finally:
-        subprocess.run(['umount', str(disk)], capture_output=True, timeout=30)
+def test_disk_full_on_small_tmpfs(net, tmpfs):
+    disk = tmpfs('1m')
+    out = disk / 'out'
+    strip(net, 2, out)  # ~0.1 MB: fits
+    before = tree(disk)
+    with pytest.raises(OutputWriteError, match='No space left on device') as info:
+        strip(net, 0, out, overwrite=True)  # ~1.6 MB: does not
+    assert info.value.errno == errno.ENOSPC
+    assert tree(disk) == before
+    assert load_stripped(out).branch == 2
+    with pytest.raises(OutputWriteError, match='No space left on device'):
+        strip(net, 0, disk / 'new')
+    assert sorted(p.name for p in disk.iterdir()) == ['out']
 
 
 def test_existing_folder_error_speaks_api(net, tmp_path):
@@ -860,10 +830,77 @@ def test_without_hard_links_the_last_step_still_never_replaces(tmp_path, net, mo
 @pytest.mark.skipif(sys.platform != 'linux', reason='bytes file names')
 def test_path_not_valid_utf8_works_fully(net, tmp_path):
     folder = tmp_path / os.fsdecode(b'runs-\xff\xfe')
-    path = train_checkpoint(folder.parent / os.fsdecode(b'last-\xff.pth.tar'), net)
+    path = train_py_checkpoint(folder.parent / os.fsdecode(b'last-\xff.pth.tar'), net, ARCH, img_size=32)
     out = strip(path, 1, folder / 'export')
     assert sorted(p.name for p in out.iterdir()) == EXPORT
     assert load_stripped(out).branch == 1
     with pytest.raises(OutputExistsError) as info:
         strip(path, 1, out)
     assert os.fsdecode(b'runs-\xff\xfe') in str(info.value)
+
+
+# --- strip: a failed, refused or killed write leaves no model files --------------------------------------------
+@pytest.fixture(scope='module')
+def trained():
+    """sila_resnet18 with BN statistics as after training, and an input batch."""
+    net, _ = build_sila('resnet18')
+    return randomize_bn(net, seed=1).eval(), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+def test_failed_write_leaves_no_partial_files(trained, tmp_path, monkeypatch):
+    net, x = trained
+    real = shipping.save_file
+
+    def disk_full(tensors, filename, *args, **kwargs):
+        with open(filename, 'wb') as f:
+            f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00{"partial')
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(shipping, 'save_file', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+        strip(net, 0, tmp_path / 'new')
+    assert not (tmp_path / 'new').exists()
+
+    old = tmp_path / 'old'
+    monkeypatch.setattr(shipping, 'save_file', real)
+    strip(net, 0, old)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    monkeypatch.setattr(shipping, 'save_file', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+        strip(net, 2, old, overwrite=True)
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before  # the previous export is untouched
+    assert torch.equal(eval_logits(load_stripped(old), x), branch_logits(net, x, 0))
+
+
+def test_config_serialization_failure_leaves_nothing(tmp_path):
+    base = timm.create_model('resnet18', num_classes=10, act_layer=nn.ReLU)  # a class: not JSON
+    net = SilaNet(base, num_classes=10)
+    with pytest.raises(ValueError, match='not serializable'):
+        strip(net, 0, tmp_path / 'out')  # safetensors was already written in the temp folder
+    assert not (tmp_path / 'out').exists()
+
+
+KILLED_WRITER = r'''
+import importlib, os, signal, sys, timm, timm_sila
+S = importlib.import_module('timm_sila.ship.strip')
+def killed(tensors, filename, *args, **kwargs):
+    with open(filename, 'wb') as f:
+        f.write(b'partial bytes')
+        f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+S.save_file = killed
+timm_sila.strip(timm.create_model('sila_resnet18', num_classes=10), 0, sys.argv[1])
+'''
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGKILL')
+def test_killed_writer_leaves_no_model_files(trained, tmp_path):
+    net, x = trained
+    out = tmp_path / 'out'
+    run = subprocess.run([sys.executable, '-c', KILLED_WRITER, str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == -9, run.stderr
+    assert not (out / 'model.safetensors').exists() and not (out / 'config.json').exists()
+    strip(net, 0, out)  # leftovers of the killed writer neither block nor survive a new export
+    assert sorted(p.name for p in out.iterdir()) == EXPORT
+    assert torch.equal(eval_logits(load_stripped(out), x), branch_logits(net, x, 0))

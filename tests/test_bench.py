@@ -7,6 +7,7 @@ import torch
 
 import timm
 
+from conftest import build_sila
 from timm_sila import strip
 from timm_sila.measure.bench import _time_side_by_side, bench_branches
 from timm_sila_cli.bench import format_bench
@@ -17,8 +18,7 @@ FAST = dict(img_size=32, batch_size=2, threads=1, warmup=1, repeats=5)
 
 @pytest.fixture(scope='module')
 def net():
-    torch.manual_seed(0)
-    return timm.create_model('sila_resnet18', num_classes=10).eval()
+    return build_sila('resnet18')[0].eval()
 
 
 def test_rounds_alternate_and_warm_up_untimed():

@@ -4,7 +4,8 @@ Layouts: every one timm's `load_checkpoint` reads (weights under 'state_dict' or
 under 'state_dict_ema' or 'model_ema', with or without `args`), compared with timm's own function. Arguments that
 disagree with the file's own tensors are refused before anything is built for real, naming the argument; whatever
 timm raises while building from file values is one CheckpointError; compressed storages cannot expand a small file
-into gigabytes.
+into gigabytes. An argument the caller passes replaces the file's; train.py's own arguments (pretrained, resume,
+...) never reach create_model; tensors of another dtype kind than the model's are refused, not cast.
 """
 import argparse
 import io
@@ -16,7 +17,9 @@ import pytest
 import torch
 
 import timm
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+from conftest import build_sila, early_exit_file, snapshot, train_py_args, train_py_checkpoint
 
 from timm_sila import load_stripped, strip
 from timm_sila.io.checkpoint import build_checked, load_silanet, read_checkpoint
@@ -26,6 +29,8 @@ from timm_sila_cli import main
 
 ARCH = 'sila_test_resnet'  # timm's 0.4M-parameter test ResNet: default taps layer3, layer1
 TAPS = ['layer2', 'layer1']  # not the default: a reader that skips the file's args builds other heads
+
+pytestmark = pytest.mark.usefixtures('no_network')
 
 
 @pytest.fixture(scope='module')
@@ -40,13 +45,18 @@ def nets():
     return net, ema, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(scope='module')
+def net():
+    return build_sila('test_resnet')[0].eval()
+
+
+def x_input():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
 def train_args(**fields):
-    """timm train.py's args (the fields timm-sila reads, at train.py's defaults)."""
-    args = dict(model=ARCH, num_classes=10, model_kwargs={'sila_taps': TAPS}, img_size=None, input_size=None,
-                in_chans=None, gp=None, bn_momentum=None, bn_eps=None, mean=None, std=None, crop_pct=None,
-                interpolation='', pretrained=False)
-    args.update(fields)
-    return argparse.Namespace(**args)
+    """timm train.py's args for a SilaNet with TAPS (train.py's defaults, `fields` on top)."""
+    return train_py_args(**dict(dict(model=ARCH, num_classes=10, model_kwargs={'sila_taps': TAPS}), **fields))
 
 
 def deit_args(**fields):
@@ -163,8 +173,7 @@ def vit64(tmp_path_factory):
     torch.manual_seed(0)
     net = timm.create_model('sila_test_vit', num_classes=10, img_size=64).eval()
     path = tmp_path_factory.mktemp('vit') / 'last.pth.tar'
-    torch.save({'arch': 'sila_test_vit', 'state_dict': net.state_dict(),
-                'args': train_args(model='sila_test_vit', model_kwargs={'img_size': 64}, img_size=64)}, path)
+    train_py_checkpoint(path, net, 'sila_test_vit', model_kwargs={'img_size': 64}, img_size=64)
     return net, path
 
 
@@ -178,11 +187,32 @@ def test_vit_img_size_in_model_kwargs_loads_without_repeating_it(vit64, tmp_path
     assert main(['strip', str(path), '--branch', '1', '--out', str(tmp_path / 'out')]) == 0
 
 
+# --- the caller's arguments, and train.py's arguments that are not the model's ----------------------------------
+def test_explicit_argument_replaces_the_files(net, tmp_path):
+    """An argument the caller passes is the caller's: the file's value for it is not read (escape hatch)."""
+    path = train_py_checkpoint(tmp_path / 'last.pth.tar', net, ARCH, model_kwargs={'drop_rate': 'high'})
+    with pytest.raises(UnsafeFileError, match='drop_rate'):
+        load_silanet(path)
+    model = load_silanet(path, drop_rate=0.0)
+    assert torch.equal(model(x_input()), net(x_input()))
+
+
+def test_train_py_top_level_args_never_reach_create_model(net, tmp_path):
+    """train.py's own --pretrained / --initial-checkpoint / --resume in args are not model kwargs: ignored."""
+    path = train_py_checkpoint(tmp_path / 'last.pth.tar', net, ARCH, pretrained=True,
+                               initial_checkpoint=str(tmp_path / 'nope.pth'), resume=str(tmp_path / 'nope.pth'),
+                               pretrained_cfg_overlay={'url': 'http://127.0.0.1:9/x'}, interpolation='')
+    before = snapshot(tmp_path)
+    ckpt = read_checkpoint(path)
+    assert ckpt.model_kwargs == {'num_classes': 10} and ckpt.data_config == {}  # '' = the model's default
+    model = load_silanet(ckpt)
+    assert torch.equal(model(x_input()), net(x_input()))
+    assert snapshot(tmp_path) == before
+
+
 # --- what a file claims, against the weights it carries ----------------------------------------------------------
 def _train_file(tmp, net, arch=ARCH, **args):
-    path = tmp / 'last.pth.tar'
-    torch.save({'arch': arch, 'state_dict': net.state_dict(), 'args': train_args(model=arch, **args)}, path)
-    return path
+    return train_py_checkpoint(tmp / 'last.pth.tar', net, arch, **dict(dict(model_kwargs={'sila_taps': TAPS}), **args))
 
 
 def _config_file(tmp, net, branch=1, **model_args):
@@ -191,19 +221,6 @@ def _config_file(tmp, net, branch=1, **model_args):
     config['model_args'].update(model_args)
     (export / 'config.json').write_text(json.dumps(config))
     return export
-
-
-def _early_exit_file(tmp, net, **meta_changes):
-    path = tmp / 'exit.safetensors'
-    EarlyExit(net, thresholds=0.5).save(path)
-    from safetensors import safe_open
-    with safe_open(str(path), framework='pt') as f:
-        meta = json.loads(f.metadata()['timm_sila'])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for key, value in meta_changes.items():
-        (meta['model_args'] if key != 'num_classes' else meta)[key] = value
-    save_file(tensors, str(path), metadata={'timm_sila': json.dumps(meta)})
-    return path
 
 
 @pytest.fixture(scope='module')
@@ -229,9 +246,9 @@ DISAGREEMENTS = {
                                 ['model_args.num_classes = 200000', 'config.json', 'hold 10 classes']),
     'config.json ViT depth': (lambda t, n, v: _config_file(t, v, 0, depth=40), load_stripped,
                               ['model_args.depth = 40', 'blocks', 'config.json']),
-    'early-exit num_classes': (lambda t, n, v: _early_exit_file(t, n, num_classes=200_000), EarlyExit.load,
-                               ['num_classes = 200000', 'hold 10 classes']),
-    'early-exit in_chans': (lambda t, n, v: _early_exit_file(t, n, in_chans=7), EarlyExit.load,
+    'early-exit num_classes': (lambda t, n, v: early_exit_file(t / 'exit.safetensors', n, num_classes=200_000),
+                               EarlyExit.load, ['num_classes = 200000', 'hold 10 classes']),
+    'early-exit in_chans': (lambda t, n, v: early_exit_file(t / 'exit.safetensors', n, in_chans=7), EarlyExit.load,
                             ['model_args.in_chans = 7', 'take 3 input channels']),
 }
 
@@ -289,13 +306,51 @@ def test_timm_errors_on_file_values_are_one_checkpoint_error(nets, tmp_path, rea
     elif reader == 'config.json':
         path, read = _config_file(tmp_path, net, **kwargs), load_stripped
     else:
-        path, read = _early_exit_file(tmp_path, net, **kwargs), EarlyExit.load
+        path, read = early_exit_file(tmp_path / 'exit.safetensors', net, **kwargs), EarlyExit.load
     key, value = next(iter(kwargs.items()))
     with pytest.raises(CheckpointError) as info:
         read(path)
     message = str(info.value)
     assert '\n' not in message and fragment in message and f'{key}={value!r}' in message, message
     assert str(path) in message
+
+
+# --- tensors of another dtype kind are refused, not cast ---------------------------------------------------------
+@pytest.mark.parametrize('dtype', [torch.int64, torch.int8, torch.bool, torch.uint8])
+@pytest.mark.parametrize('reader', ['load_stripped', 'load_silanet'])
+def test_integer_weights_refused_not_cast(net, stripped_copy, tmp_path, dtype, reader):
+    key = 'base.conv1.0.weight' if reader == 'load_silanet' else 'conv1.0.weight'
+    if reader == 'load_stripped':
+        export = stripped_copy(0, tmp_path / 'export')
+        tensors = load_file(str(export / 'model.safetensors'))
+        assert tensors['bn1.num_batches_tracked'].dtype == torch.int64  # integer buffers load fine
+        tensors[key] = tensors[key].to(dtype)
+        save_file(tensors, str(export / 'model.safetensors'))
+        call = lambda: load_stripped(export)  # noqa: E731
+    else:
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+        state[key] = state[key].to(dtype)
+        path = tmp_path / 'state.safetensors'
+        save_file(state, str(path))
+        call = lambda: load_silanet(path, model=ARCH)  # noqa: E731
+    with pytest.raises(CheckpointError, match=rf'dtype kind.*{key}'):
+        call()
+
+
+def test_float_buffer_where_integer_expected_refused(net, tmp_path):
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state['base.bn1.num_batches_tracked'] = state['base.bn1.num_batches_tracked'].float()
+    torch.save(state, tmp_path / 'sd.pth')
+    with pytest.raises(CheckpointError, match='num_batches_tracked'):
+        load_silanet(tmp_path / 'sd.pth', model=ARCH)
+
+
+def test_half_precision_weights_load(net, tmp_path):
+    """fp16 weights are the same kind (floating point): loaded, as torch does."""
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
+    torch.save(state, tmp_path / 'sd.pth')
+    model = load_silanet(tmp_path / 'sd.pth', model=ARCH)
+    assert torch.allclose(model(x_input()), net(x_input()), atol=0.05)
 
 
 # --- compressed storages -------------------------------------------------------------------------------------------

@@ -1,10 +1,19 @@
-"""`timm-sila` console script: info (paper Table 3 columns) and strip; exit 2 with one line on bad input;
-help and usage errors without importing torch."""
+"""The `timm-sila` console script: info (paper Table 3 columns) and strip; help and usage errors without importing
+torch; and the promise every command keeps for expected failures: exit status 2, exactly one line on stderr naming
+what is wrong, nothing on stdout and nothing written. Table-driven over hostile and clumsy inputs, plus a full disk
+(a file size limit everywhere; a small tmpfs where the machine allows mounting), permission denied, and `--json`
+runs whose stdout is the JSON document alone."""
 import argparse
 import configparser
+import contextlib
 import json
+import os
+import resource
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,8 +21,12 @@ import torch
 
 import timm
 
+from conftest import build_sila, image_folder, snapshot, train_py_checkpoint
 from timm_sila import load_stripped
 from timm_sila_cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+NOT_UTF8 = os.fsdecode(b'caf\xe9')  # latin-1 bytes: not valid UTF-8 (a surrogate escape in Python's str)
 
 
 def n_params(*modules) -> int:
@@ -23,11 +36,9 @@ def n_params(*modules) -> int:
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
     """A timm train.py-style checkpoint of a resnet18 SilaNet (no EMA), its model and an input."""
-    torch.manual_seed(0)
-    net = timm.create_model('sila_resnet18', num_classes=10).eval()
+    net = build_sila('resnet18')[0].eval()
     path = tmp_path_factory.mktemp('ckpt') / 'last.pth.tar'
-    args = argparse.Namespace(model='sila_resnet18', num_classes=10, model_kwargs={}, img_size=32, input_size=None)
-    torch.save(dict(epoch=0, arch='sila_resnet18', state_dict=net.state_dict(), args=args, version=2), path)
+    train_py_checkpoint(path, net, 'sila_resnet18', img_size=32)
     return path, net, torch.randn(2, 3, 32, 32)
 
 
@@ -175,3 +186,207 @@ def test_console_script(tmp_path):
                           str(tmp_path / 'out')], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2
     assert run.stderr.strip().count('\n') == 0 and 'does not exist' in run.stderr and 'Traceback' not in run.stderr
+
+
+# --- bad input: one line, exit status 2, nothing written ---------------------------------------------------------
+@pytest.fixture(scope='module')
+def work(tmp_path_factory):
+    """A folder (readable by everyone, for the permission checks) with a train.py-style checkpoint, an image
+    folder, a non-empty export folder and stripped folders with broken config.json files."""
+    root = Path(tempfile.mkdtemp(prefix='timm-sila-cli-'))
+    os.chmod(root, 0o755)
+    net = build_sila('resnet18', 2)[0]
+    train_py_checkpoint(root / 'ckpt.pth.tar', net, 'sila_resnet18', args_as_dict=True, img_size=32)
+    os.chmod(root / 'ckpt.pth.tar', 0o644)
+    image_folder(root / 'data', splits=('test', 'val'))
+    (root / 'data' / 'empty' / 'c0').mkdir(parents=True)
+    (root / 'data' / 'empty' / 'c1').mkdir()
+    (root / 'existing').mkdir()
+    (root / 'existing' / 'mine.txt').write_text('a user file')
+    for name, text in (('bad_json', '{"architecture": "resnet18", '), ('list_json', '[1, 2]'),
+                       ('binary_json', b'\xff\xfe{}')):
+        (root / name).mkdir()
+        (root / name / 'config.json').write_bytes(text if isinstance(text, bytes) else text.encode())
+        (root / name / 'model.safetensors').write_bytes(b'')
+    for p in root.rglob('*'):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _expect_one_line(capfd, *fragments):
+    captured = capfd.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith('timm-sila'), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert 'Traceback' not in captured.err and captured.out == ''
+    return lines[0]
+
+
+EVAL = ['eval', '--model', 'sila_resnet18', '--checkpoint', '{w}/ckpt.pth.tar', '--data-dir', '{w}/data',
+        '--workers', '0']
+CURVE = ['exit-curve', '--model', 'sila_resnet18', '--checkpoint', '{w}/ckpt.pth.tar', '--data-dir', '{w}/data',
+         '--calib-split', 'val']
+STRIP = ['strip', '{w}/ckpt.pth.tar', '--branch', '0', '--out', '{w}/out']
+
+# (id, argv with {w} = the work folder, fragments the one error line must contain)
+CASES = [
+    # paths that are not valid UTF-8: refused before anything is read or written
+    ('out-not-utf8', ['strip', '{w}/ckpt.pth.tar', '--branch', '0', '--out', '{w}/' + NOT_UTF8],
+     ['--out', 'not valid UTF-8', "caf\\xe9'"]),
+    ('checkpoint-not-utf8', ['strip', '{w}/' + NOT_UTF8, '--branch', '0', '--out', '{w}/out'], ['not valid UTF-8']),
+    ('data-dir-not-utf8', ['eval', '--model', 'sila_resnet18', '--checkpoint', '{w}/ckpt.pth.tar', '--data-dir',
+                           '{w}/' + NOT_UTF8], ['--data-dir', 'not valid UTF-8']),
+    ('png-not-utf8', CURVE + ['--png', '{w}/' + NOT_UTF8 + '.png'], ['--png', 'not valid UTF-8']),
+    ('empty-out', ['strip', '{w}/ckpt.pth.tar', '--branch', '0', '--out', ''], ['--out', 'empty path']),
+    # malformed config.json of a stripped folder: the file is named
+    ('config-not-json', ['eval', '--model', 'local-dir:{w}/bad_json', '--data-dir', '{w}/data'],
+     ['{w}/bad_json/config.json']),
+    ('config-not-utf8', ['eval', '--model', 'local-dir:{w}/binary_json', '--data-dir', '{w}/data'],
+     ['{w}/binary_json/config.json']),
+    ('config-not-a-mapping', ['eval', '--model', 'local-dir:{w}/list_json', '--data-dir', '{w}/data'],
+     ['{w}/list_json/config.json']),
+    # --device
+    ('unknown-device', EVAL + ['--device', 'gpu'], ["--device 'gpu'"]),
+    ('absent-device', EVAL + ['--device', 'cuda:99'], ["--device 'cuda:99'"]),
+    ('meta-device', EVAL + ['--device', 'meta'], ["--device 'meta'"]),
+    # --model-kwargs: parsed as timm's train.py parses them; keys the model does not take are named
+    ('kwargs-no-equals', STRIP + ['--model-kwargs', 'oops'], ['--model-kwargs', "'oops'", 'KEY=VALUE']),
+    ('kwargs-empty-key', STRIP + ['--model-kwargs', '=3'], ['--model-kwargs', "'=3'"]),
+    ('kwargs-key-not-a-name', ['info', 'resnet18', '--num-classes', '2', '--model-kwargs', 'a-b=1'],
+     ['--model-kwargs', "'a-b=1'"]),
+    ('kwargs-unknown-info', ['info', 'resnet18', '--num-classes', '2', '--model-kwargs', 'no_such_arg=1'],
+     ['no_such_arg']),
+    ('kwargs-unknown-strip', STRIP + ['--model-kwargs', 'no_such_arg=1'], ['no_such_arg']),
+    # unknown model names, reported as typed
+    ('unknown-model-info', ['info', 'resnet19', '--num-classes', '2'], ["'resnet19'", 'resnet18']),
+    ('unknown-model-tagged', ['info', 'resnet19.a1_in1k', '--num-classes', '2'], ["'resnet19.a1_in1k'"]),
+    ('unknown-model-strip', STRIP + ['--model', 'resnet19'], ["'resnet19'"]),
+    ('unknown-model-eval', ['eval', '--model', 'resnet19', '--checkpoint', '{w}/ckpt.pth.tar', '--data-dir',
+                            '{w}/data'], ["'resnet19'"]),
+    ('hub-model-eval', ['eval', '--model', 'hf-hub:timm/resnet18.a1_in1k', '--data-dir', '{w}/data'],
+     ["'hf-hub:timm/resnet18.a1_in1k'"]),
+    # the existing-folder error speaks CLI
+    ('existing-out', ['strip', '{w}/ckpt.pth.tar', '--branch', '0', '--out', '{w}/existing'], ['--force']),
+    # numbers out of range, refused while parsing
+    ('max-drop-nan', CURVE + ['--max-drop', 'nan'], ['--max-drop', 'nan']),
+    ('max-drop-negative', CURVE + ['--max-drop', '-1'], ['--max-drop']),
+    ('calib-limit-0', CURVE + ['--calib-limit', '0'], ['--calib-limit', '>= 1']),
+    ('batch-size-0', EVAL + ['--batch-size', '0'], ['--batch-size', '>= 1']),
+    ('branch-negative', ['strip', '{w}/ckpt.pth.tar', '--branch', '-1', '--out', '{w}/out'], ['--branch']),
+    ('taps-empty', ['info', 'resnet18', '--num-classes', '2', '--taps', ','], ['--taps']),
+    # an empty calibration set (class folders without images)
+    ('empty-calibration', ['exit-curve', '--model', 'sila_resnet18', '--checkpoint', '{w}/ckpt.pth.tar',
+                           '--data-dir', '{w}/data', '--calib-split', 'empty'], ['empty']),
+]
+
+
+@pytest.mark.parametrize('argv,fragments', [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(work, capfd, argv, fragments):
+    before = snapshot(work, folders=True)
+    assert main([a.replace('{w}', str(work)) for a in argv]) == 2
+    _expect_one_line(capfd, *(f.replace('{w}', str(work)) for f in fragments))
+    assert snapshot(work, folders=True) == before
+
+
+# --- the operating system refuses a write or a read ------------------------------------------------------------
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+    """Writes past `limit` bytes fail with EFBIG (as on a full disk) instead of killing the process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@contextlib.contextmanager
+def _unprivileged():
+    """Run as user `nobody` for a while when root (root ignores file permissions); as is otherwise."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def test_file_too_large_is_one_line_and_leaves_nothing(work, capfd):
+    out = work / 'big'
+    with _file_size_limit(1 << 20):  # the 45 MB model.safetensors cannot be written
+        rc = main(['strip', str(work / 'ckpt.pth.tar'), '--branch', '0', '--out', str(out)])
+    assert rc == 2
+    _expect_one_line(capfd, 'File too large', str(out))
+    assert not out.exists()
+
+
+def test_file_too_large_keeps_the_previous_export(work, capfd, tmp_path):
+    out = work / 'again'
+    assert main(['strip', str(work / 'ckpt.pth.tar'), '--branch', '1', '--out', str(out)]) == 0
+    capfd.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with _file_size_limit(1 << 20):
+        rc = main(['strip', str(work / 'ckpt.pth.tar'), '--branch', '0', '--out', str(out), '--force'])
+    assert rc == 2
+    _expect_one_line(capfd, 'File too large')
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    shutil.rmtree(out)
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(work, capfd, tmpfs):
+    small_tmpfs = tmpfs('2m')
+    out = small_tmpfs / 'out'
+    assert main(['strip', str(work / 'ckpt.pth.tar'), '--branch', '0', '--out', str(out)]) == 2
+    line = _expect_one_line(capfd, 'No space left on device')
+    assert 'disk is full' in line
+    assert list(small_tmpfs.iterdir()) == []
+
+
+def test_permission_denied_is_one_line_and_writes_nothing(work, capfd):
+    locked = work / 'locked'
+    locked.mkdir(mode=0o755)
+    os.chmod(locked, 0o555)  # nobody may create anything inside
+    secret = work / 'secret.pth.tar'
+    shutil.copy(work / 'ckpt.pth.tar', secret)
+    os.chmod(secret, 0o000)
+    try:
+        with _unprivileged():
+            rc_write = main(['strip', str(work / 'ckpt.pth.tar'), '--branch', '0', '--out', str(locked / 'out')])
+            first = capfd.readouterr()
+            rc_read = main(['strip', str(secret), '--branch', '0', '--out', str(work / 'out_secret')])
+    finally:
+        os.chmod(locked, 0o755)
+        secret.unlink()
+    assert rc_write == 2 and rc_read == 2
+    lines = first.err.strip().splitlines()
+    assert len(lines) == 1 and 'Permission denied' in lines[0] and str(locked) in lines[0], first.err
+    assert first.out == '' and list(locked.iterdir()) == []
+    _expect_one_line(capfd, 'Permission denied', str(secret))
+    assert not (work / 'out_secret').exists()
+
+
+# --- --json: stdout is the JSON document and nothing else -------------------------------------------------------
+def test_json_output_is_never_mixed_with_other_text(work, capfd):
+    runs = [
+        ['info', 'sila_resnet18', '--num-classes', '2', '--json'],
+        ['strip', str(work / 'ckpt.pth.tar'), '--branch', '1', '--out', str(work / 'json_out'), '--json'],
+        [a.replace('{w}', str(work)) for a in EVAL] + ['--json'],  # progress bar on by default: must go elsewhere
+        [a.replace('{w}', str(work)) for a in CURVE] + ['--points', '3', '--batch-size', '2', '--json'],
+    ]
+    try:
+        for argv in runs:
+            assert main(argv) == 0, argv
+            out = capfd.readouterr().out
+            json.loads(out)  # the whole of stdout is one JSON document
+            assert out.lstrip().startswith('{') and out.rstrip().endswith('}')
+    finally:
+        shutil.rmtree(work / 'json_out', ignore_errors=True)

@@ -5,15 +5,12 @@ command (FIFO, socket, device), count an image twice (symbolic link loops, links
 word (class folders vs the model's classes), or fail as a traceback (truncated, huge or non-image files, also in
 DataLoader workers). Models with in_chans=1 get single-channel images, as timm's train.py gives them.
 """
-import argparse
 import io
 import json
 import os
 import shutil
 import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -25,7 +22,7 @@ from PIL import Image
 import timm
 from timm.data import create_transform
 
-from conftest import PEAK_RSS_MB
+from conftest import build_sila, image_folder, run_in_fresh_process, train_py_checkpoint
 from timm_sila.data.folder import ImageFolderDataset, ImageFolderError, ImageReadError, image_loader, image_mode
 from timm_sila.ship.strip import class_names_from_config
 from timm_sila.measure.evaluate import evaluate
@@ -39,14 +36,6 @@ def _png(path: Path, seed: int, mode: str = 'RGB', size: int = 32) -> None:
     g = torch.Generator().manual_seed(seed)
     shape = (size, size, 3) if mode == 'RGB' else (size, size)
     Image.fromarray(torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).numpy()).save(path)
-
-
-def _folder(root: Path, classes=('c0', 'c1'), n: int = 3) -> Path:
-    for i, c in enumerate(classes):
-        (root / c).mkdir(parents=True)
-        for j in range(n):
-            _png(root / c / f'{j}.png', seed=10 * i + j)
-    return root
 
 
 def _bomb_png(path: Path, side: int = 15000) -> None:
@@ -77,13 +66,13 @@ def _socket(path: Path):
 
 def test_classes_and_order_are_torchvisions(tmp_path):
     from torchvision.datasets import ImageFolder
-    root = _folder(tmp_path / 'split', classes=('b', 'a', 'B'))
+    root = image_folder(tmp_path / 'split', classes=('b', 'a', 'B'), splits=None)
     (root / 'a' / 'deeper' / 'z').mkdir(parents=True)
     _png(root / 'a' / 'deeper' / 'z' / 'Q.JPG', 1)
     _png(root / 'a' / 'deeper' / '7.Png', 2)
     (root / 'a' / 'notes.txt').write_text('not an image')
     (root / 'empty').mkdir()  # a class without images keeps its index
-    elsewhere = _folder(tmp_path / 'elsewhere', classes=('d',))
+    elsewhere = image_folder(tmp_path / 'elsewhere', classes=('d',), splits=None)
     (root / 'd').symlink_to(elsewhere / 'd', target_is_directory=True)  # a class folder may be a link
     ours = ImageFolderDataset(root)
     theirs = ImageFolder(str(root), allow_empty=True)
@@ -137,7 +126,7 @@ REFUSED = [
 
 @pytest.mark.parametrize('change,named', [c[1:] for c in SKIPPED], ids=[c[0] for c in SKIPPED])
 def test_entries_that_are_not_regular_files_are_skipped_with_one_warning(tmp_path, change, named):
-    root = _folder(tmp_path / 'split')
+    root = image_folder(tmp_path / 'split', splits=None)
     keep = change(root)
     with pytest.warns(UserWarning) as caught:
         started = time.monotonic()
@@ -152,7 +141,7 @@ def test_entries_that_are_not_regular_files_are_skipped_with_one_warning(tmp_pat
 
 @pytest.mark.parametrize('change,named', [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
 def test_loops_duplicates_and_empty_folders_are_refused_naming_the_path(tmp_path, change, named):
-    root = _folder(tmp_path / 'split')
+    root = image_folder(tmp_path / 'split', splits=None)
     change(root)
     with pytest.raises(ImageFolderError) as err:
         ImageFolderDataset(root)
@@ -176,7 +165,7 @@ CLASS_CASES = [  # (id, extra folders, num_classes, class_names, error fragment 
 @pytest.mark.parametrize('extra,num_classes,names,error', [c[1:] for c in CLASS_CASES],
                          ids=[c[0] for c in CLASS_CASES])
 def test_class_folders_are_checked_against_the_model(tmp_path, extra, num_classes, names, error):
-    root = _folder(tmp_path / 'split')
+    root = image_folder(tmp_path / 'split', splits=None)
     for name in extra:
         (root / name).mkdir()
     if error is None:
@@ -222,7 +211,7 @@ BAD_IMAGES = [  # (id, how c1/1.png is spoiled after the folder was read, what t
 @pytest.mark.parametrize('spoil,fragment', [c[1:] for c in BAD_IMAGES], ids=[c[0] for c in BAD_IMAGES])
 @pytest.mark.parametrize('workers', [0, 2])
 def test_an_image_that_cannot_be_read_is_one_line_naming_it(tmp_path, spoil, fragment, workers):
-    root = _folder(tmp_path / 'split')
+    root = image_folder(tmp_path / 'split', splits=None)
     dataset = ImageFolderDataset(root, transform=create_transform(input_size=(3, 32, 32), crop_pct=1.0))
     bad = root / 'c1' / '1.png'
     spoil(bad)
@@ -258,9 +247,7 @@ def gray(tmp_path_factory):
                 _png(root / 'data' / split / c / f'{j}.png', seed=100 * i + j, mode='RGB' if j % 2 else 'L')
     torch.manual_seed(4)
     net = timm.create_model('sila_test_resnet', num_classes=2, in_chans=1).eval()
-    args = argparse.Namespace(model='sila_test_resnet', num_classes=2, in_chans=1, img_size=32, input_size=None,
-                              mean=None, std=None, crop_pct=None, interpolation='', model_kwargs={})
-    torch.save(dict(arch='sila_test_resnet', state_dict=net.state_dict(), args=args), root / 'last.pth.tar')
+    train_py_checkpoint(root / 'last.pth.tar', net, 'sila_test_resnet', in_chans=1, img_size=32)
     return root, net
 
 
@@ -298,10 +285,8 @@ def test_cli_exit_curve_runs_an_in_chans_1_checkpoint(gray, capfd):
 @pytest.fixture(scope='module')
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp('ckpt')
-    torch.manual_seed(0)
-    net = timm.create_model('sila_test_resnet', num_classes=2)
-    torch.save(dict(arch='sila_test_resnet', state_dict=net.state_dict(),
-                    args=dict(model='sila_test_resnet', num_classes=2, img_size=32)), root / 'ckpt.pth.tar')
+    net = build_sila('test_resnet', 2)[0]
+    train_py_checkpoint(root / 'ckpt.pth.tar', net, 'sila_test_resnet', args_as_dict=True, img_size=32)
     return root / 'ckpt.pth.tar'
 
 
@@ -318,7 +303,7 @@ CLI_CASES = [  # (id, change to DIR/test (c0, c1 with 3 images each), extra argv
 
 @pytest.mark.parametrize('change,argv,fragment', [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
 def test_cli_bad_folder_is_one_line_exit_2(ckpt, tmp_path, capfd, change, argv, fragment):
-    change(_folder(tmp_path / 'data' / 'test'))
+    change(image_folder(tmp_path / 'data' / 'test', splits=None))
     rc = main(['eval', '--model', 'sila_test_resnet', '--checkpoint', str(ckpt), '--data-dir', str(tmp_path / 'data'),
                '--no-progress'] + (argv or ['--workers', '0']))
     captured = capfd.readouterr()
@@ -331,11 +316,10 @@ def test_cli_bad_folder_is_one_line_exit_2(ckpt, tmp_path, capfd, change, argv, 
                                          ({'0': 'c1', '1': 'c0'}, 'not in sorted order')])
 def test_cli_eval_checks_the_class_names_a_stripped_folder_records(tmp_path, capfd, names, error):
     from timm_sila import strip
-    torch.manual_seed(0)
-    folder = strip(timm.create_model('sila_test_resnet', num_classes=2), 0, tmp_path / 'b0', img_size=32)
+    folder = strip(build_sila('test_resnet', 2)[0], 0, tmp_path / 'b0', img_size=32)
     config = json.loads((folder / 'config.json').read_text())
     (folder / 'config.json').write_text(json.dumps(dict(config, label_names=names)))  # as timm's hub config holds them
-    _folder(tmp_path / 'data' / 'test')
+    image_folder(tmp_path / 'data' / 'test', splits=None)
     rc = main(['eval', '--model', f'local-dir:{folder}', '--data-dir', str(tmp_path / 'data'), '--workers', '0',
                '--json'])
     captured = capfd.readouterr()
@@ -346,27 +330,17 @@ def test_cli_eval_checks_the_class_names_a_stripped_folder_records(tmp_path, cap
         assert rc == 2 and len(lines) == 1 and error in lines[0] and captured.out == '', captured.err
 
 
-_DRIVER = '''
-import resource, sys, time
-import timm_sila.measure.evaluate  # the imports are not part of the answer time
-from timm_sila_cli import main
-started = time.monotonic()
-rc = main(sys.argv[1:])
-print(f"rc={rc} seconds={time.monotonic() - started:.2f} "
-      f"maxrss_mb={''' + PEAK_RSS_MB + '''}")
-'''
-
-
 def test_cli_fifo_named_like_an_image_is_skipped_not_waited_on(ckpt, tmp_path):
-    root = _folder(tmp_path / 'data' / 'test')
+    root = image_folder(tmp_path / 'data' / 'test', splits=None)
     os.mkfifo(root / 'c0' / 'x.png')
-    run = subprocess.run([sys.executable, '-c', _DRIVER, 'eval', '--model', 'sila_test_resnet', '--checkpoint',
-                          str(ckpt), '--data-dir', str(tmp_path / 'data'), '--workers', '0', '--json'],
-                         capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    report = dict(item.split('=') for item in run.stdout.strip().splitlines()[-1].split())
-    assert report['rc'] == '0' and float(report['seconds']) < 5 and float(report['maxrss_mb']) < 1024, run.stdout
-    assert json.loads(run.stdout[:run.stdout.rindex('rc=')])['num_samples'] == 6
-    warning, = run.stderr.strip().splitlines()
+    argv = ['eval', '--model', 'sila_test_resnet', '--checkpoint', str(ckpt), '--data-dir', str(tmp_path / 'data'),
+            '--workers', '0', '--json']
+    scratch = tmp_path / 'runner'
+    scratch.mkdir()
+    run = run_in_fresh_process([dict(id='eval', kind='cli', argv=argv)], tmp_path / 'data', scratch, timeout=120)['eval']
+    assert run['rc'] == 0 and run['wall'] < 5 and run['rss_mb'] < 1024, run
+    assert json.loads(run['stdout'])['num_samples'] == 6
+    warning, = run['stderr'].strip().splitlines()
     assert warning.startswith('timm-sila eval: warning: ') and f'{root}/c0/x.png (a FIFO)' in warning
 
 

@@ -13,7 +13,7 @@ import timm
 
 from timm_sila import SilaLoss
 
-pytestmark = pytest.mark.slow  # module set-up of 9-34 s (see the slow marker in pyproject.toml)
+pytestmark = pytest.mark.slow  # the module set-up runs two DDP processes (slow as pyproject.toml defines it)
 
 N, BETA, DECAY, PER_RANK = 10, 0.2, 0.8, 3
 ARCH = 'sila_test_convnext'  # LayerNorm only: per-rank and concatenated batches see the same normalisation

@@ -1,21 +1,33 @@
-"""EarlyExit: per-sample routing is exact, samples really leave the batch, calibration and persistence."""
+"""EarlyExit: per-sample routing is exact, samples really leave the batch, and it saves and loads whole.
+
+Thresholds and temperatures are finite numbers of any numeric type (Python, numpy, 0-d or 1-d tensors); a hostile
+EarlyExit file is one CheckpointError naming it, with no network access and nothing written."""
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import timm
 import timm_sila.exits.early_exit
+from safetensors.torch import load_file, save_file
 
+from conftest import build_sila
+from timm_sila.io.trust import CheckpointError
 from timm_sila.exits.early_exit import EarlyExit
-from timm_sila.exits.calibration import calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
+
+NAN, INF = float('nan'), float('inf')
 
 
 @pytest.fixture(scope='module')
 def model():
-    torch.manual_seed(0)
-    return timm.create_model('sila_resnet18', num_classes=10).eval()
+    return build_sila('resnet18')[0].eval()
+
+
+@pytest.fixture(scope='module')
+def small():
+    return build_sila('test_resnet', 2)[0].eval()
 
 
 @pytest.fixture(scope='module')
@@ -86,8 +98,7 @@ def test_refuses_token_models_at_construction(arch, kwargs):
 
 
 def test_construction_check_keeps_train_mode_and_batch_norm_statistics():
-    torch.manual_seed(0)
-    model = timm.create_model('sila_test_resnet', num_classes=10).train()
+    model = build_sila('test_resnet')[0].train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     EarlyExit(model, thresholds=0.5, input_size=(3, 32, 32))
     assert model.training and all(m.training for m in model.modules())
@@ -117,57 +128,6 @@ def test_needs_full_eval_model(model):
     train_model = timm.create_model('sila_resnet18', num_classes=10).train()
     with pytest.raises(ValueError, match='eval'):
         EarlyExit(train_model)(torch.randn(2, 3, 32, 32))
-
-
-def test_temperature_calibration_recovers_a_known_temperature():
-    g = torch.Generator().manual_seed(0)
-    true = 2 * torch.randn(4000, 5, generator=g)
-    labels = torch.multinomial(true.softmax(-1), 1, generator=g).squeeze(1)
-    branch_logits = torch.stack([true * 3.0, true * 0.5], 1)  # over- and under-confident sets
-    t = calibrate_temperatures(branch_logits, labels)
-    assert t[0] == pytest.approx(3.0, rel=0.1) and t[1] == pytest.approx(0.5, rel=0.1)
-
-
-def test_threshold_choice_meets_its_constraint():
-    g = torch.Generator().manual_seed(1)
-    labels = torch.randint(0, 10, (500,), generator=g)
-    clean = F.one_hot(labels, 10).float() * 4
-    noise = lambda s: s * torch.randn(500, 10, generator=g)  # noqa: E731
-    branch_logits = torch.stack([clean + noise(0.5), clean + noise(1.5), clean + noise(3.0)], 1)
-    seg = [30, 30, 40]
-    temps = [1.0, 1.0, 1.0]
-    by_drop = choose_threshold(branch_logits, labels, temps, seg, max_drop=1.0)
-    assert by_drop['accuracy'] >= by_drop['base_accuracy'] - 1.0
-    assert by_drop['compute'] < 1.0
-    row = simulate_exits(branch_logits, labels, [by_drop['threshold']] * 2, temps, seg)
-    assert row['accuracy'] == pytest.approx(by_drop['accuracy']) and row['compute'] == pytest.approx(by_drop['compute'])
-    by_budget = choose_threshold(branch_logits, labels, temps, seg, budget=0.6)
-    assert by_budget['compute'] <= 0.6
-    with pytest.raises(ValueError, match='exactly one'):
-        choose_threshold(branch_logits, labels, temps, seg)
-
-
-@pytest.mark.parametrize('policy', ['confidence', 'entropy'])
-def test_per_exit_thresholds_beat_the_shared_one_when_exits_differ(policy):
-    """Set 2 (the shallowest exit) is confidently wrong on half the samples, set 1 is reliable: one shared threshold
-    must shut set 2 out and so also holds back set 1; per-exit thresholds close exit 2 and open exit 1."""
-    g = torch.Generator().manual_seed(2)
-    labels = torch.randint(0, 10, (600,), generator=g)
-    clean = F.one_hot(labels, 10).float() * 6
-    wrong = F.one_hot((labels + torch.randint(1, 10, (600,), generator=g)) % 10, 10).float() * 8
-    liar = torch.where(torch.rand(600, 1, generator=g) < 0.5, wrong, clean)
-    branch_logits = torch.stack([clean + torch.randn(600, 10, generator=g),
-                                 clean * 0.8 + torch.randn(600, 10, generator=g), liar], 1)
-    seg, temps = [30, 30, 40], [1.0, 1.0, 1.0]
-    shared = choose_threshold(branch_logits, labels, temps, seg, policy=policy, max_drop=1.0)
-    per = choose_thresholds(branch_logits, labels, temps, seg, policy=policy, max_drop=1.0)
-    assert per['accuracy'] >= per['base_accuracy'] - 1.0
-    assert per['compute'] < shared['compute'] - 0.1
-    assert per['exits'][2] == 0 and per['exits'][1] > 0
-    row = simulate_exits(branch_logits, labels, per['thresholds'], temps, seg, policy)
-    assert row['accuracy'] == pytest.approx(per['accuracy']) and row['compute'] == pytest.approx(per['compute'])
-    with pytest.raises(ValueError, match='finite'):
-        choose_thresholds(branch_logits, labels, temps, seg, max_drop=float('nan'))
 
 
 @torch.no_grad()
@@ -202,3 +162,182 @@ def test_failed_save_keeps_the_previous_file_whole(model, tmp_path, monkeypatch)
     assert path.read_bytes() == old
     assert [p.name for p in tmp_path.iterdir()] == ['exit.safetensors']
     assert EarlyExit.load(path).thresholds == [0.3, 0.3]
+
+
+# --- thresholds and temperatures: finite numbers of any numeric type --------------------------------------------
+BAD_EXIT_VALUES = {
+    'threshold nan': dict(thresholds=NAN),
+    'threshold inf': dict(thresholds=INF),
+    'threshold -inf': dict(thresholds=-INF),
+    'one threshold nan': dict(thresholds=[0.5, NAN]),
+    'numpy nan': dict(thresholds=np.float32('nan')),
+    '0-d tensor inf': dict(thresholds=torch.tensor(INF)),
+    'threshold string': dict(thresholds='0.5'),
+    'threshold bool': dict(thresholds=True),
+    'threshold None item': dict(thresholds=[0.5, None]),
+    'threshold count': dict(thresholds=[0.5, 0.5, 0.5]),
+    'temperature nan': dict(temperatures=[1.0, NAN, 1.0]),
+    'temperature inf': dict(temperatures=[1.0, INF, 1.0]),
+    'temperature tensor inf': dict(temperatures=torch.tensor([1.0, 1.0, INF])),
+    'temperature negative': dict(temperatures=[1.0, 1.0, -1.0]),
+    'temperature zero numpy': dict(temperatures=np.array([1.0, 0.0, 1.0])),
+}
+
+
+@pytest.mark.parametrize('kwargs', BAD_EXIT_VALUES.values(), ids=BAD_EXIT_VALUES.keys())
+def test_bad_thresholds_and_temperatures_are_refused(small, kwargs):
+    with pytest.raises(ValueError, match='thresholds|temperatures'):
+        EarlyExit(small, input_size=(3, 32, 32), **kwargs)
+
+
+def test_set_thresholds_refuses_nan(small):
+    ee = EarlyExit(small, thresholds=0.5, input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match='thresholds'):
+        ee.set_thresholds(NAN)
+    assert ee.thresholds == [0.5, 0.5]
+
+
+GOOD_THRESHOLDS = {
+    'numpy float32': (np.float32(0.5), [0.5, 0.5]),
+    'numpy float64': (np.float64(0.25), [0.25, 0.25]),
+    '0-d tensor': (torch.tensor(0.75), [0.75, 0.75]),
+    '0-d numpy array': (np.array(0.5), [0.5, 0.5]),
+    'int': (1, [1.0, 1.0]),
+    'mixed list': ([np.float32(0.25), torch.tensor(0.75)], [0.25, 0.75]),
+    '1-d tensor': (torch.tensor([0.25, 0.75]), [0.25, 0.75]),
+    '1-d numpy': (np.array([0.25, 0.75]), [0.25, 0.75]),
+}
+
+
+@pytest.mark.parametrize('value,expected', GOOD_THRESHOLDS.values(), ids=GOOD_THRESHOLDS.keys())
+def test_numpy_and_tensor_thresholds_are_accepted(small, value, expected):
+    ee = EarlyExit(small, thresholds=value, temperatures=np.array([1.0, 2.0, 0.5]), input_size=(3, 32, 32))
+    assert ee.thresholds == expected and all(type(t) is float for t in ee.thresholds + ee.temperatures)
+    assert json.loads(json.dumps(ee.config()))['thresholds'] == expected
+
+
+@pytest.mark.parametrize('policy', ['confidence', 'entropy'])
+@torch.no_grad()
+def test_no_thresholds_is_finite_and_never_exits(small, policy):
+    ee = EarlyExit(small, thresholds=None, policy=policy, input_size=(3, 32, 32))
+    assert all(math.isfinite(t) for t in ee.thresholds)
+    x = torch.randn(3, 3, 32, 32)
+    assert ee(x).exit_set.tolist() == [0, 0, 0]
+    sharp = EarlyExit(small, thresholds=None, policy=policy, temperatures=[1.0, 1e-3, 1e-3], input_size=(3, 32, 32))
+    assert sharp(x).exit_set.tolist() == [0, 0, 0], 'even a one-hot softmax must not clear the "never" threshold'
+
+
+# --- hostile EarlyExit files: one CheckpointError naming the file, no network, nothing written ------------------
+@pytest.fixture(scope='module')
+def saved(small, tmp_path_factory):
+    path = tmp_path_factory.mktemp('valid') / 'exit.safetensors'
+    EarlyExit(small, thresholds=[0.4, 0.6], temperatures=[1.0, 1.5, 2.0]).save(path)
+    from safetensors import safe_open
+    with safe_open(str(path), 'pt') as f:
+        meta = json.loads(f.metadata()['timm_sila'])
+    return load_file(str(path)), meta, path
+
+
+def _args(key, value):
+    return lambda m: m['model_args'].update({key: value})
+
+
+def _early(key, value):
+    return lambda m: m['early_exit'].update({key: value})
+
+
+HOSTILE = {  # name: (change to the metadata dict | raw metadata text | None = no metadata, change to the tensors)
+    'pretrained=True': (_args('pretrained', True), None),
+    'pretrained_cfg_overlay url': (_args('pretrained_cfg_overlay', {'url': 'http://127.0.0.1:9/evil.pth'}), None),
+    'pretrained_cfg hub id': (_args('pretrained_cfg', {'hf_hub_id': 'evil/model'}), None),
+    'cache_dir': (_args('cache_dir', '{site}'), None),
+    'checkpoint_path': (_args('checkpoint_path', '/etc/passwd'), None),
+    'unknown model argument': (_args('some_future_flag', 1), None),
+    'sila_taps as a path': (_args('sila_taps', ['../../etc/passwd', 'layer1']), None),
+    'sila_sets a string': (_args('sila_sets', '3'), None),
+    'model_args a list': (lambda m: m.update(model_args=['pretrained']), None),
+    'hub architecture': (lambda m: m.update(arch='hf-hub:evil/model'), None),
+    'unknown architecture': (lambda m: m.update(arch='not_a_model'), None),
+    'num_classes a string': (lambda m: m.update(num_classes='2'), None),
+    'num_classes bool': (lambda m: m.update(num_classes=True), None),
+    'early_exit missing': (lambda m: m.pop('early_exit'), None),
+    'thresholds NaN': ('{"arch": "test_resnet", "num_classes": 2, "model_args": {}, "early_exit": {"policy": '
+                       '"confidence", "thresholds": [NaN, 0.5], "temperatures": [1, 1, 1]}}', None),
+    'thresholds Infinity': (_early('thresholds', [INF, INF]), None),
+    'thresholds strings': (_early('thresholds', ['0.5', '0.5']), None),
+    'temperatures negative': (_early('temperatures', [1.0, -1.0, 1.0]), None),
+    'temperatures wrong count': (_early('temperatures', [1.0]), None),
+    'policy unknown': (_early('policy', 'margin'), None),
+    'malformed JSON': ('{"arch": "test_resnet", ', None),
+    'metadata a list': ('[]', None),
+    'no metadata': (None, None),
+    'integer weights': (None, 'int'),
+    'missing tensor': (None, 'drop'),
+    'wrong shape': (None, 'shape'),
+}
+
+
+def _write_hostile(path, saved, meta_change, tensor_change, site):
+    tensors, meta, _ = saved
+    tensors = dict(tensors)
+    metadata = None
+    if meta_change is None and tensor_change is None:
+        metadata = {'other': '1'}
+    elif isinstance(meta_change, str):
+        metadata = {'timm_sila': meta_change}
+    else:
+        meta = json.loads(json.dumps(meta))
+        if meta_change is not None:
+            meta_change(meta)
+        metadata = {'timm_sila': json.dumps(meta).replace('{site}', str(site))}
+    key = next(k for k, v in tensors.items() if v.is_floating_point() and v.ndim == 4)
+    if tensor_change == 'int':
+        tensors[key] = tensors[key].round().to(torch.int64)
+    elif tensor_change == 'drop':
+        del tensors[key]
+    elif tensor_change == 'shape':
+        tensors[key] = tensors[key][:1].contiguous()
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize('meta_change,tensor_change', HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_early_exit_files_are_one_clear_error(saved, meta_change, tensor_change, tmp_path, no_network,
+                                                      monkeypatch):
+    home = tmp_path / 'home'
+    home.mkdir()
+    for var in ('HF_HOME', 'TORCH_HOME', 'XDG_CACHE_HOME'):
+        monkeypatch.setenv(var, str(home))
+    site = tmp_path / 'site'
+    path = tmp_path / 'hostile.safetensors'
+    _write_hostile(path, saved, meta_change, tensor_change, site)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(CheckpointError) as info:
+        EarlyExit.load(path)
+    assert str(path) in str(info.value) and '\n' not in str(info.value)
+    assert no_network == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not site.exists()
+    assert list(home.iterdir()) == []
+
+
+def test_truncated_early_exit_file(saved, tmp_path, no_network):
+    path = tmp_path / 'cut.safetensors'
+    data = saved[2].read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match='cut.safetensors'):
+        EarlyExit.load(path)
+    assert no_network == []
+
+
+def test_valid_file_still_loads_without_network(saved, no_network):
+    loaded = EarlyExit.load(saved[2])
+    assert loaded.thresholds == [0.4, 0.6] and loaded.temperatures == [1.0, 1.5, 2.0]
+    assert no_network == []
+
+
+def test_save_refuses_what_load_would_refuse(tmp_path):
+    """A model built with a create_model argument off the file allow-list (timm records features_only=False in
+    its _model_args) cannot be saved: the file would not load."""
+    model = timm.create_model('sila_test_resnet', num_classes=2, features_only=False).eval()
+    with pytest.raises(ValueError, match="features_only=False, which an EarlyExit file may not carry"):
+        EarlyExit(model).save(tmp_path / 'exit.safetensors')
+    assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,4 @@
-"""timm_sila.evaluate and `timm-sila eval`: every number checked against a reference computed directly."""
-import argparse
+"""evaluate() and `timm-sila eval`: every number checked against a reference computed directly."""
 import json
 
 import pytest
@@ -11,11 +10,10 @@ import timm_sila
 from timm.data import create_transform, resolve_data_config
 from timm_sila.measure.evaluate import evaluate
 from timm_sila_cli.eval import format_eval
-from timm_sila.ship.strip import branch_model
-from timm_sila.measure.sizes import branch_sizes, count_params, model_info
+from timm_sila.measure.sizes import count_params
 from timm_sila_cli import main
 
-from conftest import build_sila
+from conftest import build_sila, image_folder, train_py_args, train_py_checkpoint
 
 
 def _data(n=45, num_classes=10, seed=3):
@@ -63,20 +61,6 @@ def test_silanet_every_branch_and_ensemble_match_reference(sila):
     assert not sila.training
 
 
-def test_sizes_are_the_stripped_models_and_match_info(sila):
-    rows = branch_sizes(sila)
-    base = count_params(sila.base)
-    assert rows[0]['params'] == base and rows[0]['cr'] == 0.0
-    for k in (1, 2):
-        params = count_params(branch_model(sila, k))
-        assert rows[k]['params'] == params < base
-        assert rows[k]['cr'] == pytest.approx(1 - params / base)
-        assert rows[k]['size_mb'] == pytest.approx(params * 4 / 2 ** 20)
-        assert rows[k]['exit'] == sila.taps[k - 1]
-    info = model_info('sila_resnet18', num_classes=10)
-    assert [r['params'] for r in info['branches']] == [r['params'] for r in rows]
-
-
 def test_plain_timm_model_has_one_row_and_no_ensemble(sila):
     model = timm.create_model('resnet18', num_classes=10).eval()
     model.load_state_dict(sila.base.state_dict())
@@ -106,8 +90,7 @@ def test_stripped_branch_folder(sila, tmp_path):
 
 
 def test_topk_capped_by_classes_and_empty_loader():
-    torch.manual_seed(0)
-    model = timm.create_model('sila_resnet18', num_classes=3).eval()
+    model = build_sila('resnet18', 3)[0].eval()
     x, y = _data(10, num_classes=3)
     result = evaluate(model, _loader(x, y))
     assert result['topk'] == 3
@@ -118,17 +101,6 @@ def test_topk_capped_by_classes_and_empty_loader():
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
-def _image_folder(root, n_per_class=4, classes=3, size=32, splits=('test',)):
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    for split in splits:
-        for c in range(classes):
-            (root / split / f'class{c}').mkdir(parents=True)
-            for i in range(n_per_class):
-                arr = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
-                Image.fromarray(arr).save(root / split / f'class{c}' / f'{i}.png')  # lossless
-
-
 def _cli(argv):
     """`timm-sila ARGV --debug`: the exit status, or the exception a bad input raises."""
     return main(argv + ['--debug'])
@@ -138,13 +110,13 @@ def _cli(argv):
 def trained(tmp_path_factory):
     """A sila_resnet18 (3 classes) saved as train_cifar.py / timm train.py save it, and its image folder."""
     root = tmp_path_factory.mktemp('evalcli')
-    _image_folder(root)
+    image_folder(root, classes=3, n=4)
     torch.manual_seed(1)
     net = timm.create_model('sila_resnet18', num_classes=3).eval()
     mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
-    args = dict(model='sila_resnet18', num_classes=3, model_kwargs=dict(net.sila_args()), img_size=32,
-                input_size=[3, 32, 32], mean=mean, std=std, crop_pct=1.0, interpolation='bilinear')
-    torch.save(dict(arch='sila_resnet18', state_dict=net.state_dict(), args=args), root / 'ckpt.pth.tar')
+    train_py_checkpoint(root / 'ckpt.pth.tar', net, 'sila_resnet18', args_as_dict=True,
+                        model_kwargs=dict(net.sila_args()), img_size=32, input_size=[3, 32, 32], mean=mean, std=std,
+                        crop_pct=1.0, interpolation='bilinear')
     return root, net, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
 
@@ -200,60 +172,17 @@ def test_cli_eval_bad_input(trained, tmp_path):
 
 
 # --- checkpoints written by timm's train.py: every argument stored, data ones at "use the model's default" --------
-# vars(parser.parse_args([])) of timm 1.0's train.py (the values a checkpoint's `args` carries unless set), plus
-# what train.py adds after parsing. Data config defaults: interpolation='', mean/std/crop_pct/input_size/img_size/
-# in_chans None.
-TRAIN_PY_DEFAULTS = dict(
-    data=None, data_dir=None, dataset='', train_split='train', val_split='validation', train_num_samples=None,
-    val_num_samples=None, dataset_download=False, class_map='', input_img_mode=None, input_key=None, target_key=None,
-    dataset_trust_remote_code=False, model='resnet50', pretrained=False, pretrained_path=None, initial_checkpoint='',
-    resume='', no_resume_opt=False, num_classes=None, gp=None, img_size=None, in_chans=None, input_size=None,
-    crop_pct=None, mean=None, std=None, interpolation='', batch_size=128, validation_batch_size=None,
-    channels_last=False, fuser='', grad_accum_steps=1, grad_checkpointing=False, fast_norm=False, model_kwargs={},
-    head_init_scale=None, head_init_bias=None, torchcompile_mode=None, torchscript=False, torchcompile=None,
-    device='cuda', amp=False, amp_dtype='float16', model_dtype=None, no_ddp_bb=False, synchronize_step=False,
-    local_rank=0, device_modules=None, opt='sgd', opt_eps=None, opt_betas=None, momentum=0.9, weight_decay=2e-05,
-    clip_grad=None, clip_mode='norm', layer_decay=None, layer_decay_min_scale=0, layer_decay_no_opt_scale=None,
-    opt_kwargs={}, sched='cosine', sched_on_updates=False, lr=None, lr_base=0.1, lr_base_size=256, lr_base_scale='',
-    lr_noise=None, lr_noise_pct=0.67, lr_noise_std=1.0, lr_cycle_mul=1.0, lr_cycle_decay=0.5, lr_cycle_limit=1,
-    lr_k_decay=1.0, warmup_lr=1e-05, min_lr=0, epochs=300, epoch_repeats=0.0, start_epoch=None,
-    decay_milestones=[90, 180, 270], decay_epochs=90, warmup_epochs=5, warmup_prefix=False, cooldown_epochs=0,
-    patience_epochs=10, decay_rate=0.1, no_aug=False, train_crop_mode=None, scale=[0.08, 1.0],
-    ratio=[0.75, 1.3333333333333333], hflip=0.5, vflip=0.0, color_jitter=0.4, color_jitter_prob=None,
-    grayscale_prob=None, gaussian_blur_prob=None, aa=None, aug_repeats=0, aug_splits=0, jsd_loss=False,
-    bce_loss=False, bce_sum=False, bce_target_thresh=None, bce_pos_weight=None, reprob=0.0, remode='pixel',
-    recount=1, resplit=False, mixup=0.0, cutmix=0.0, cutmix_minmax=None, mixup_prob=1.0, mixup_switch_prob=0.5,
-    mixup_mode='batch', mixup_off_epoch=0, smoothing=0.1, train_interpolation='random', drop=0.0,
-    drop_connect=None, drop_path=None, drop_block=None, bn_momentum=None, bn_eps=None, sync_bn=False,
-    dist_bn='reduce', split_bn=False, model_ema=False, model_ema_force_cpu=False, model_ema_decay=0.9998,
-    model_ema_warmup=False, seed=42, worker_seeding='all', log_interval=50, val_interval=1, recovery_interval=0,
-    checkpoint_hist=10, workers=4, save_images=False, pin_mem=False, no_prefetcher=False, output='', experiment='',
-    eval_metric='top1', tta=0, use_multi_epochs_loader=False, log_wandb=False, wandb_project=None, wandb_tags=[],
-    wandb_resume_id='', train_img_sizes=None, train_batch_sizes=None, train_size_probs=None,
-    train_size_schedule='constant', train_size_schedule_spread=0.65, train_size_random_mix=0.1,
-    train_batches_per_epoch=None, variable_batch_loss_scale='none', naflex_loader=False,
-    naflex_train_seq_lens=[128, 256, 576, 784, 1024], naflex_max_seq_len=576, naflex_patch_sizes=None,
-    naflex_patch_size_probs=None, naflex_loss_scale='linear', naflex_patchify_channels_first=False,
-    kd_model_name=None, kd_distill_type='logit', kd_loss_type='kl', distill_loss_weight=None, task_loss_weight=None,
-    kd_temperature=4.0, kd_student_feature_dim=None, kd_teacher_feature_dim=None, kd_token_distill_type='soft',
-    # set by train.py after parsing
-    prefetcher=True, distributed=False, world_size=1, rank=0,
-)
-
-
 @pytest.fixture(scope='module')
 def trainpy_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp('trainpy')
-    _image_folder(root, n_per_class=3, splits=('validation', 'test'))
+    image_folder(root, classes=3, n=3, splits=('validation', 'test'))
     return root
 
 
 def _trainpy_checkpoint(path, net, **overrides):
     """A checkpoint as timm's train.py saves it: `args` is the argparse.Namespace of all its arguments."""
-    args = argparse.Namespace(**dict(TRAIN_PY_DEFAULTS, model='sila_resnet18', num_classes=3,
-                                     device_modules=['timm_sila'], **overrides))
-    torch.save(dict(epoch=0, arch='sila_resnet18', state_dict=net.state_dict(), args=args, version=2), path)
-    return args
+    train_py_checkpoint(path, net, 'sila_resnet18', device_modules=['timm_sila'], **overrides)
+    return train_py_args(model='sila_resnet18', num_classes=3, device_modules=['timm_sila'], **overrides)
 
 
 @pytest.mark.parametrize('overrides', [{}, {'img_size': 32}, {'img_size': 40, 'crop_pct': 0.8,

@@ -1,21 +1,22 @@
-"""exit-curve: thresholds come from calibration data only; the CLI runs end to end on an ImageFolder."""
+"""exit-curve: thresholds come from calibration data only; the verdict decides from the speed-ups measured whether
+early exit pays and which stripped branch to ship instead; bad values are refused, on the command line as one line
+with exit status 2; the CLI runs end to end on an ImageFolder."""
 import json
-import sys
 import math
+import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-from PIL import Image
-
-import timm
 from safetensors.torch import save_file
 
+from conftest import build_sila, image_folder
 from timm_sila_cli import main
-from timm_sila.exits.calibration import TEMPERATURE_BOUNDS, calibrate_temperatures, simulate_exits
+from timm_sila.exits.calibration import TEMPERATURE_BOUNDS, simulate_exits
 from timm_sila.exits.early_exit import EarlyExit
 from timm_sila.exits.curve import SlowerThanBaseWarning, exit_curve, exit_verdict, measure_speedup
 from timm_sila_cli.exit_curve import format_curve
+
+NAN, INF = float('nan'), float('inf')
 
 
 def _loader(seed, n=24, batch=8):
@@ -26,8 +27,7 @@ def _loader(seed, n=24, batch=8):
 
 @pytest.fixture(scope='module')
 def model():
-    torch.manual_seed(0)
-    return timm.create_model('sila_resnet18', num_classes=4).eval()
+    return build_sila('resnet18', 4)[0].eval()
 
 
 def test_curve_rows_and_calibration_only_thresholds(model):
@@ -48,20 +48,9 @@ def test_curve_rows_and_calibration_only_thresholds(model):
                            a['segment_macs'])['compute'], rel=1e-6)
 
 
-def _image_folder(root, n=6):
-    g = torch.Generator().manual_seed(0)
-    for split in ('val', 'test'):
-        for c in ('a', 'b'):
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                px = (torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()
-                Image.fromarray(px).save(root / split / c / f'{i}.png')
-
-
 def test_cli_end_to_end(tmp_path, capsys):
-    _image_folder(tmp_path / 'data')
-    torch.manual_seed(0)
-    model = timm.create_model('sila_resnet18', num_classes=2)
+    image_folder(tmp_path / 'data', classes=('a', 'b'), n=6, splits=('val', 'test'))
+    model = build_sila('resnet18', 2)[0]
     save_file(model.state_dict(), str(tmp_path / 'sila.safetensors'))
     args = ['exit-curve', '--model', 'sila_resnet18', '--checkpoint', str(tmp_path / 'sila.safetensors'),
             '--data-dir', str(tmp_path / 'data'), '--calib-split', 'val', '--num-classes', '2', '--img-size', '32',
@@ -80,8 +69,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 @pytest.fixture(scope='module')
 def small():
-    torch.manual_seed(0)
-    return timm.create_model('sila_test_resnet', num_classes=4).eval()
+    return build_sila('test_resnet', 4)[0].eval()
 
 
 @pytest.mark.parametrize('points', [1, 3, 5])
@@ -102,19 +90,9 @@ def test_untrained_model_temperature_is_bounded_with_a_warning(small):
     assert max(result['temperatures']) == TEMPERATURE_BOUNDS[1] and result['warnings']
 
 
-def test_temperature_bounds_clamp_the_fit():
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 5, (500,), generator=g)
-    noise = torch.randn(500, 1, 5, generator=g)  # logits unrelated to the labels: free fit T -> infinity
-    with pytest.warns(UserWarning, match='set 0'):
-        assert calibrate_temperatures(noise, labels) == [TEMPERATURE_BOUNDS[1]]
-    timid = 0.01 * F.one_hot(labels, 5).float()[:, None]  # always right but 100-fold underconfident: T -> 0
-    with pytest.warns(UserWarning, match='set 0'):
-        assert calibrate_temperatures(timid, labels) == [TEMPERATURE_BOUNDS[0]]
-
-
 def test_progress_goes_to_stderr_and_json_stays_clean(small, capsys):
-    exit_curve(small, _loader(0), _loader(1), points=2, timed=0, repeats=1, progress=lambda line: print(f'exit-curve: {line}', file=sys.stderr))
+    exit_curve(small, _loader(0), _loader(1), points=2, timed=0, repeats=1,
+               progress=lambda line: print(f'exit-curve: {line}', file=sys.stderr))
     captured = capsys.readouterr()
     assert captured.out == ''
     assert 'exit-curve: calibration logits: 1/3 batches (8 images)' in captured.err
@@ -189,8 +167,7 @@ def test_verdict_decides_from_measured_speedups(points, branches, max_drop, expe
 def _cannot_pay(num_classes=2):
     """A SilaNet whose early exits can only cost accuracy: every auxiliary head answers uniform logits (class 0, the
     same confidence for every sample) and the base head always answers class 1, the label of most samples."""
-    torch.manual_seed(0)
-    net = timm.create_model('sila_test_resnet', num_classes=num_classes).eval()
+    net = build_sila('test_resnet', num_classes)[0].eval()
     with torch.no_grad():
         for head in net.heads.values():
             head.weight.zero_()
@@ -266,12 +243,7 @@ def test_measure_speedup_contract(cannot_pay):
 
 def test_cli_table_ends_with_the_verdict(cannot_pay, tmp_path, capsys):
     """One image of class a for five of class b: the base head (always b) is right on 5/6, every exit (a) on 1/6."""
-    for split in ('val', 'test'):
-        for c, n in (('a', 1), ('b', 5)):
-            (tmp_path / 'data' / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(
-                    tmp_path / 'data' / split / c / f'{i}.png')
+    image_folder(tmp_path / 'data', classes=('a', 'b'), n={'a': 1, 'b': 5}, splits=('val', 'test'))
     save_file(cannot_pay.state_dict(), str(tmp_path / 'sila.safetensors'))
     args = ['exit-curve', '--model', 'sila_test_resnet', '--checkpoint', str(tmp_path / 'sila.safetensors'),
             '--data-dir', str(tmp_path / 'data'), '--calib-split', 'val', '--num-classes', '2', '--img-size', '32',
@@ -285,3 +257,77 @@ def test_cli_table_ends_with_the_verdict(cannot_pay, tmp_path, capsys):
     verdict = json.loads(capsys.readouterr().out)['verdict']
     assert verdict['pays'] is False and verdict['ship'] == 'base' and verdict['branch'] is None
     assert verdict['message'].startswith('Early exit does not pay')  # its measured ratios differ from run to run
+
+
+# --- bad values: refused by exit_curve, one line with exit status 2 on the command line -------------------------
+@pytest.fixture(scope='module')
+def binary():
+    return build_sila('test_resnet', 2)[0].eval()
+
+
+def _binary_loader(n, seed=0, batch=8):
+    g = torch.Generator().manual_seed(seed)
+    data = torch.utils.data.TensorDataset(torch.randn(n, 3, 32, 32, generator=g),
+                                          torch.randint(0, 2, (n,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=batch)
+
+
+BAD_CURVE_ARGS = {
+    'max_drop nan': (dict(max_drop=NAN), 16, 'max_drop'),
+    'max_drop inf': (dict(max_drop=INF), 16, 'max_drop'),
+    'max_drop negative': (dict(max_drop=-1.0), 16, 'max_drop'),
+    'points 0': (dict(points=0), 16, 'points'),
+    'empty calibration set': ({}, 0, 'calibration set is empty'),
+}
+
+
+@pytest.mark.parametrize('kwargs,calib_size,match', BAD_CURVE_ARGS.values(), ids=BAD_CURVE_ARGS.keys())
+def test_exit_curve_bad_values(binary, kwargs, calib_size, match):
+    with pytest.raises(ValueError, match=match):
+        exit_curve(binary, _binary_loader(calib_size), _binary_loader(8, seed=1), timed=0, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def cli_inputs(binary, tmp_path_factory):
+    root = tmp_path_factory.mktemp('cli')
+    image_folder(root / 'data', classes=('a', 'b'), n=4, splits=('val', 'test'))
+    for c in ('a', 'b'):
+        (root / 'data' / 'empty' / c).mkdir(parents=True)
+    save_file(binary.state_dict(), str(root / 'sila.safetensors'))
+    return root
+
+
+BAD_CLI = {
+    '--max-drop nan': ['--max-drop', 'nan'],
+    '--max-drop inf': ['--max-drop', 'inf'],
+    '--calib-limit 0': ['--calib-limit', '0'],
+    '--points 0': ['--points', '0'],
+    '--batch-size 0': ['--batch-size', '0'],
+    'empty calibration set': ['--calib-split', 'empty'],
+    'calibration on the test split': ['--calib-split', 'test'],
+}
+
+
+@pytest.mark.parametrize('extra', BAD_CLI.values(), ids=BAD_CLI.keys())
+def test_exit_curve_cli_bad_values_are_one_line(cli_inputs, extra, capsys):
+    args = ['exit-curve', '--model', 'sila_test_resnet', '--checkpoint', str(cli_inputs / 'sila.safetensors'),
+            '--data-dir', str(cli_inputs / 'data'), '--calib-split', 'val', '--num-classes', '2',
+            '--img-size', '32', '--batch-size', '4', '--json'] + extra
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ''
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and 'error' in lines[0], captured.err
+
+
+def test_exit_curve_cli_progress_and_warnings_stay_off_stdout(cli_inputs, capsys):
+    args = ['exit-curve', '--model', 'sila_test_resnet', '--checkpoint', str(cli_inputs / 'sila.safetensors'),
+            '--data-dir', str(cli_inputs / 'data'), '--calib-split', 'val', '--num-classes', '2',
+            '--img-size', '32', '--batch-size', '4', '--points', '3', '--json']
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert len(result['rows']) <= 3 and sum(r['chosen'] for r in result['rows']) == 1
+    assert 'exit-curve: calibration logits: 2/2 batches (8 images)' in captured.err
+    assert all(line.startswith(('exit-curve:', 'timm-sila exit-curve: warning:')) for line in
+               captured.err.strip().splitlines()), captured.err

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import timm
 
-from conftest import branch_logits, randomize_bn
+from conftest import branch_logits, build_sila, randomize_bn
 from timm_sila import strip
 from timm_sila.ship.export import (DEFAULT_RTOL, ExportError, ExportParityError, MissingExtraError, export,
     fixed_size_reason)
@@ -34,8 +34,7 @@ def rel_diff(got, want):
 @pytest.fixture(scope='module')
 def sila_r18(tmp_path_factory):
     """A sila_resnet18 with trained-like BN, its state_dict file, and a batch of 3 (neither export batch size)."""
-    torch.manual_seed(0)
-    net = randomize_bn(timm.create_model('sila_resnet18', num_classes=10), seed=1).eval()
+    net = randomize_bn(build_sila('resnet18')[0], seed=1).eval()
     ckpt = tmp_path_factory.mktemp('ckpt') / 'sila_r18.pth'
     torch.save(net.state_dict(), ckpt)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -194,8 +193,7 @@ def test_cli_handler_json_is_the_only_stdout(tmp_path, capsys):
     import argparse
     import json
     from timm_sila_cli.export import run as run_export
-    torch.manual_seed(0)
-    folder = strip(timm.create_model('sila_test_resnet', num_classes=10), 1, tmp_path / 'small', img_size=32)
+    folder = strip(build_sila('test_resnet')[0], 1, tmp_path / 'small', img_size=32)
     args = argparse.Namespace(source=str(folder), branch=None, format='onnx', out=str(tmp_path / 'small.onnx'),
                               img_size=None, batch_size=2, atol=None, opset=18, force=False, json=True, model=None,
                               dynamic_size=False, exporter='auto',
@@ -257,8 +255,7 @@ def test_torch_failure_is_one_line_naming_the_root_cause(tmp_path):
 # --- dynamic input size -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize('exporter', ['dynamo', 'torchscript'])
 def test_dynamic_size_cnn_branch_runs_at_other_sizes(tmp_path, exporter):
-    torch.manual_seed(0)
-    net = randomize_bn(timm.create_model('sila_test_resnet', num_classes=10), seed=2).eval()
+    net = randomize_bn(build_sila('test_resnet')[0], seed=2).eval()
     out = tmp_path / 'b1.onnx'
     report = export(net, 1, 'onnx', out, img_size=32, dynamic_size=True, exporter=exporter)
     assert report['exporter'] == exporter and report['dynamic_axes'] == ['batch', 'height', 'width']

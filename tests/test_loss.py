@@ -1,4 +1,5 @@
-"""SilaLoss against a literal transcription of the paper's Fig. 1 reference code."""
+"""SilaLoss against a literal transcription of the paper's Fig. 1 reference code; torch's cross-entropy options
+(weight, ignore_index, reduction, label smoothing) and empty batches give what torch gives."""
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm_sila import SilaLoss, sila_cross_entropy, sila_log_probs, sila_set_weights
+from timm_sila.loss.logits import wrap_sila_logits
 
 
 class PaperLoss(nn.Module):
@@ -218,3 +220,28 @@ def test_nothing_kept_behaves_like_torch(reduction, smoothing, empty):
 def test_bad_options_are_one_clear_error(kwargs, target, match):
     with pytest.raises(ValueError, match=match):
         sila_cross_entropy(_logits(2, 3, 10), target, 10, **kwargs)
+
+
+# --- empty batches: what torch gives -------------------------------------------------------------------------------
+EMPTY = {
+    'SilaLoss mean': (lambda: SilaLoss(10)(torch.zeros(0, 30), torch.zeros(0, dtype=torch.long)), 'nan'),
+    'SilaLoss sum': (lambda: SilaLoss(10, reduction='sum')(torch.zeros(0, 30), torch.zeros(0, dtype=torch.long)), 0.0),
+    'SilaLoss none': (lambda: SilaLoss(10, reduction='none')(torch.zeros(0, 30), torch.zeros(0, dtype=torch.long)),
+                      (0,)),
+    'SilaLoss soft mean': (lambda: SilaLoss(10)(torch.zeros(0, 30), torch.zeros(0, 10)), 'nan'),
+    'nn.CrossEntropyLoss on SilaLogits': (
+        lambda: nn.CrossEntropyLoss()(wrap_sila_logits(torch.zeros(0, 30), 10, 0.1, 0.5),
+                                      torch.zeros(0, dtype=torch.long)), 'nan'),
+    'torch itself (reference)': (lambda: F.cross_entropy(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long)), 'nan'),
+}
+
+
+@pytest.mark.parametrize('run,expected', EMPTY.values(), ids=EMPTY.keys())
+def test_empty_batches_match_torch(run, expected):
+    out = run()
+    if expected == 'nan':
+        assert out.ndim == 0 and math.isnan(out)
+    elif isinstance(expected, tuple):
+        assert out.shape == expected
+    else:
+        assert float(out) == expected

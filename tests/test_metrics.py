@@ -11,8 +11,7 @@ import re
 import pytest
 import torch
 
-import timm
-
+from conftest import build_sila
 from timm_sila import load_stripped, strip
 from timm_sila.measure.bench import _accuracy_of, bench_branches
 from timm_sila.io.trust import FILE_LIMITS
@@ -113,8 +112,7 @@ def test_a_fifo_is_refused_at_once(tmp_path):
 
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    net = timm.create_model('sila_test_resnet', num_classes=2).eval()
+    net = build_sila('test_resnet', 2)[0].eval()
     return net, strip(net, 1, tmp_path_factory.mktemp('card') / 'b1', img_size=32)
 
 

@@ -1,9 +1,9 @@
-"""SilaNet over representative timm families: shapes, gradients, taps, and bit-exact branch 0."""
+"""SilaNet over representative timm families: shapes, gradients and bit-exact branch 0; the base instance it wraps
+and the protocol timm's tooling expects (no_weight_decay, group_matcher, reset_classifier)."""
 import pytest
 import torch
 
 from timm_sila import SilaLogits, SilaNet
-from timm_sila.taps import choose_taps
 
 from conftest import REPRESENTATIVE, build_sila, vanilla_like
 
@@ -61,60 +61,6 @@ def test_eval_branches_agree_with_one_pass(arch):
             model.branch = k
             torch.testing.assert_close(model(x), all_sets[k], rtol=1e-5, atol=1e-5)
     model.branch = 0
-
-
-# (rule 'depth' = the default, paper Sec 2.2; rule 'stages' = the M-1 stages before the final one, Table 3 layout)
-PINNED_TAPS = {
-    'resnet18': (['layer3', 'layer1'], ['layer3', 'layer2']),
-    'vgg19_bn': (['features.38', 'features.25'], ['features.38', 'features.25']),
-    'mobilenetv1_100': (['blocks.3', 'blocks.2'], ['blocks.3', 'blocks.2']),
-    'wide_resnet50_2': (['layer3', 'layer2'], ['layer3', 'layer2']),
-    'densenet121': (['features.denseblock3', 'features.denseblock2'], ['features.denseblock3', 'features.denseblock2']),
-    'inception_v3': (['Mixed_6e', 'Mixed_5d'], ['Mixed_6e', 'Mixed_5d']),
-    'efficientnet_b0': (['blocks.4', 'blocks.2'], ['blocks.4', 'blocks.2']),
-    'convnext_atto': (['stages.2', 'stages.1'], ['stages.2', 'stages.1']),
-    'regnetx_002': (['s3', 's2'], ['s3', 's2']),
-    'vit_tiny_patch16_224': (['blocks.7', 'blocks.3'], ['blocks.10', 'blocks.9']),
-    'swin_tiny_patch4_window7_224': (['layers.2', 'layers.1'], ['layers.2', 'layers.1']),
-}
-
-
-@pytest.mark.parametrize('arch', ARCHS)
-def test_tap_rules_pinned(arch):
-    model, _ = build_sila(arch)
-    by_depth, by_stages = PINNED_TAPS[arch]
-    assert model.taps == by_depth  # default rule
-    for rule, expected in (('depth', by_depth), ('stages', by_stages)):
-        got = choose_taps(model.stages, model.total_depth, model.sets, rule)
-        assert [model.stages[i].module for i in got] == expected, rule
-
-
-def test_tap_rule_by_name_builds_those_taps():
-    model = SilaNet('resnet18', num_classes=10, taps='stages')
-    assert model.taps == ['layer3', 'layer2']
-    assert model.tap_args() == ['layer3', 'layer2']  # checkpoints record the resolved stages, not the rule
-    with pytest.raises(ValueError, match='not a stage'):
-        SilaNet('resnet18', num_classes=10, sets=2, taps='by_width')
-
-
-def test_depth_rule_picks_nearest_stage_per_set():
-    from timm_sila.taps import Stage
-    # D = 24, M = 3: targets 16 and 8; depths 3, 7, 12, 17, 24 -> 17 (index 3) and 7 (index 1)
-    stages = [Stage(f's{i}', 8, d) for i, d in enumerate([3, 7, 12, 17, 24])]
-    assert choose_taps(stages, 24, 3) == [3, 1]
-    assert choose_taps(stages, 24, 3, 'stages') == [3, 2]
-
-
-def test_tap_rule_ties_go_deeper():
-    from timm_sila.taps import Stage
-    stages = [Stage(f's{i}', 8, d) for i, d in enumerate([2, 4, 8, 12, 16])]
-    # D = 12, M = 2: target 6 is equidistant from depths 4 and 8 -> the deeper stage (index 2)
-    assert choose_taps(stages, 12, 2) == [2]
-
-
-def test_explicit_taps_by_name_and_index():
-    model = SilaNet('resnet18', num_classes=10, taps=['layer2', 1])
-    assert model.taps == ['layer2', 'layer1'] and model.tap_indices == [2, 1]
 
 
 def test_base_instance_is_kept_unmodified():

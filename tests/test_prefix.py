@@ -41,6 +41,8 @@ def _classifier_name(base):
 
 
 def _resnet18(**kwargs):
+    if not kwargs:
+        return build_sila('resnet18')[0]
     torch.manual_seed(0)
     return timm.create_model('sila_resnet18', num_classes=10, **kwargs)
 
@@ -102,7 +104,7 @@ def test_resnet18_train_is_one_backbone_pass():
     counter.remove(), head_counter.remove()
 
 
-# a CNN per style plus both transformer families (all of REPRESENTATIVE passed this check when written)
+# a CNN per style plus both transformer families, from conftest.REPRESENTATIVE
 FAMILIES = ['resnet18', 'efficientnet_b0', 'convnext_atto', 'vit_tiny_patch16_224', 'swin_tiny_patch4_window7_224']
 assert set(FAMILIES) <= set(REPRESENTATIVE)
 

@@ -101,19 +101,3 @@ def test_branch_setter_validates():
         model.branch = 5
 
 
-@pytest.mark.parametrize('name,sila,base', [
-    ('resnet18', 'sila_resnet18', 'resnet18'), ('sila_resnet18', 'sila_resnet18', 'resnet18'),
-    ('sila_resnet18.a1_in1k', 'sila_resnet18', 'resnet18'), ('resnet18.a1_in1k', 'sila_resnet18', 'resnet18'),
-])
-def test_one_mapping_between_names(name, sila, base):
-    from timm_sila.config import base_arch, is_sila_name, sila_name
-    assert sila_name(name) == sila and base_arch(name) == base
-    assert is_sila_name(name) == name.startswith('sila_')
-
-
-def test_sila_kwargs_names_the_given_settings_only():
-    from timm_sila.config import sila_kwargs
-    assert sila_kwargs(sets=4, taps=('layer3', 'layer2', 'layer1'), head=None) == dict(
-        sila_sets=4, sila_taps=['layer3', 'layer2', 'layer1'])
-    with pytest.raises(TypeError, match='colour'):
-        sila_kwargs(colour=1)

@@ -1,7 +1,6 @@
-"""strip(): one branch of a SilaNet written as timm's model.safetensors + config.json (paper Sec 2.3, Table 3)."""
-import argparse
+"""strip(): one branch of a SilaNet written as timm's model.safetensors + config.json (paper Sec 2.3, Table 3);
+load_stripped() of a folder that is not whole (config.json or weights) is one error naming the file."""
 import copy
-import importlib
 import json
 import subprocess
 import sys
@@ -14,11 +13,9 @@ import timm
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import branch_logits, randomize_bn
+from conftest import branch_logits, build_sila, eval_logits, randomize_bn, train_py_checkpoint
 from timm_sila import CheckpointError, SilaNet, load_stripped, strip
 from timm_sila.io.atomic import MANIFEST_NAME, ForeignFilesError
-
-strip_module = importlib.import_module('timm_sila.ship.strip')
 
 EXPORT = sorted(['README.md', 'config.json', 'model.safetensors', MANIFEST_NAME])  # what strip writes
 TAPS = ['layer3', 'layer1']  # the paper's rule for resnet18 with 3 sets (set 1 = deepest)
@@ -27,15 +24,9 @@ KEPT = {1: ('conv1', 'bn1', 'layer1', 'layer2', 'layer3'), 2: ('conv1', 'bn1', '
 
 @pytest.fixture(scope='module')
 def trained():
-    torch.manual_seed(0)
-    net = randomize_bn(timm.create_model('sila_resnet18', num_classes=10), seed=1).eval()
+    net = randomize_bn(build_sila('resnet18')[0], seed=1).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     return net, x
-
-
-def eval_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(x)
 
 
 def file_keys(out):
@@ -44,21 +35,14 @@ def file_keys(out):
 
 
 def train_checkpoint(path, net, ema_net=None, args=True, prefix=''):
-    """A checkpoint laid out like timm train.py's CheckpointSaver writes it."""
-    sd = {prefix + k: v for k, v in net.state_dict().items()}
-    ckpt = dict(epoch=2, arch='sila_resnet18', state_dict=sd, version=2, metric=55.0,
-                optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9).state_dict())
-    if args:
-        ckpt['args'] = argparse.Namespace(
-            model='sila_resnet18', num_classes=10, model_kwargs={'sila_sets': 3, 'sila_beta': 0.1},
-            img_size=32, input_size=None, in_chans=None, gp=None, bn_momentum=None, bn_eps=None, mean=None,
-            std=None, crop_pct=None, interpolation='', lr=0.1, epochs=3, model_ema=ema_net is not None)
-    else:
-        ckpt['arch'] = 'silanet'  # what CheckpointSaver records without args
-    if ema_net is not None:
-        ckpt['state_dict_ema'] = ema_net.state_dict()
-    torch.save(ckpt, path)
-    return path
+    """A checkpoint as timm train.py's CheckpointSaver writes it (optimizer state, metric), its keys prefixed."""
+    entries = dict(epoch=2, state_dict={prefix + k: v for k, v in net.state_dict().items()}, metric=55.0,
+                   optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9).state_dict())
+    if not args:
+        entries['arch'] = 'silanet'  # what CheckpointSaver records without args
+    return train_py_checkpoint(path, net, 'sila_resnet18', ema=ema_net, with_args=args, entries=entries,
+                               model_kwargs={'sila_sets': 3, 'sila_beta': 0.1}, img_size=32, lr=0.1, epochs=3,
+                               model_ema=ema_net is not None)
 
 
 # --- branch 0: the plain timm model -------------------------------------------------------------------------
@@ -306,61 +290,23 @@ def test_output_folder_rules(trained, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith('.timm-sila-tmp-')]
 
 
-# --- atomic writes ------------------------------------------------------------------------------------------
-def test_failed_write_leaves_no_partial_files(trained, tmp_path, monkeypatch):
-    net, x = trained
-    real = strip_module.save_file
-
-    def disk_full(tensors, filename, *args, **kwargs):
-        with open(filename, 'wb') as f:
-            f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00{"partial')
-        raise OSError(28, 'No space left on device')
-
-    monkeypatch.setattr(strip_module, 'save_file', disk_full)
-    with pytest.raises(OSError, match='No space left'):
-        strip(net, 0, tmp_path / 'new')
-    assert not (tmp_path / 'new').exists()
-
-    old = tmp_path / 'old'
-    monkeypatch.setattr(strip_module, 'save_file', real)
-    strip(net, 0, old)
-    before = {p.name: p.read_bytes() for p in old.iterdir()}
-    monkeypatch.setattr(strip_module, 'save_file', disk_full)
-    with pytest.raises(OSError, match='No space left'):
-        strip(net, 2, old, overwrite=True)
-    assert {p.name: p.read_bytes() for p in old.iterdir()} == before  # the previous export is untouched
-    assert torch.equal(eval_logits(load_stripped(old), x), branch_logits(net, x, 0))
+# --- a stripped folder that is not whole: the file is named ----------------------------------------------------
+@pytest.mark.usefixtures('no_network')
+@pytest.mark.parametrize('content', [b'{not json', b'\xff\xfe\x00', b'[]', b'"text"', b''])
+def test_malformed_config_json_names_the_file(stripped_copy, tmp_path, content):
+    export = stripped_copy(0, tmp_path / 'export')
+    (export / 'config.json').write_bytes(content)
+    with pytest.raises(CheckpointError, match='config.json'):
+        load_stripped(export)
 
 
-def test_config_serialization_failure_leaves_nothing(tmp_path):
-    base = timm.create_model('resnet18', num_classes=10, act_layer=nn.ReLU)  # a class: not JSON
-    net = SilaNet(base, num_classes=10)
-    with pytest.raises(ValueError, match='not serializable'):
-        strip(net, 0, tmp_path / 'out')  # safetensors was already written in the temp folder
-    assert not (tmp_path / 'out').exists()
-
-
-KILLED_WRITER = r'''
-import importlib, os, signal, sys, timm, timm_sila
-S = importlib.import_module('timm_sila.ship.strip')
-def killed(tensors, filename, *args, **kwargs):
-    with open(filename, 'wb') as f:
-        f.write(b'partial bytes')
-        f.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-S.save_file = killed
-timm_sila.strip(timm.create_model('sila_resnet18', num_classes=10), 0, sys.argv[1])
-'''
-
-
-@pytest.mark.skipif(sys.platform == 'win32', reason='SIGKILL')
-def test_killed_writer_leaves_no_model_files(trained, tmp_path):
-    net, x = trained
-    out = tmp_path / 'out'
-    run = subprocess.run([sys.executable, '-c', KILLED_WRITER, str(out)], capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == -9, run.stderr
-    assert not (out / 'model.safetensors').exists() and not (out / 'config.json').exists()
-    strip(net, 0, out)  # leftovers of the killed writer neither block nor survive a new export
-    assert sorted(p.name for p in out.iterdir()) == EXPORT
-    assert torch.equal(eval_logits(load_stripped(out), x), branch_logits(net, x, 0))
+@pytest.mark.usefixtures('no_network')
+@pytest.mark.parametrize('damage', ['truncated', 'garbage', 'empty', 'header_only'])
+def test_malformed_weights_name_the_file(stripped_copy, tmp_path, damage):
+    export = stripped_copy(0, tmp_path / 'export')
+    weights = export / 'model.safetensors'
+    data = weights.read_bytes()
+    weights.write_bytes({'truncated': data[:len(data) // 2], 'garbage': b'\x08\x00\x00\x00\x00\x00\x00\x00{"a":1}',
+                         'empty': b'', 'header_only': data[:8]}[damage])
+    with pytest.raises(CheckpointError, match='model.safetensors'):
+        load_stripped(export)

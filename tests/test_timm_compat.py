@@ -11,6 +11,7 @@ from packaging.requirements import Requirement
 import timm
 from timm.models import get_arch_pretrained_cfgs, get_model_input_config
 from timm.models.resnet import BasicBlock, ResNet
+from conftest import train_py_checkpoint
 from timm_sila import SilaNet
 from timm_sila import _timm_compat as timm_compat
 
@@ -147,8 +148,7 @@ def test_trainpy_checkpoint_from_pretrained_fbnetc_rebuilds_its_bn_eps(tmp_path,
     torch.manual_seed(0)
     net = timm.create_model('sila_fbnetc_100', num_classes=10, bn_eps=eps).eval()
     path = tmp_path / 'last.pth.tar'
-    torch.save(dict(arch='sila_fbnetc_100', state_dict=net.state_dict(),
-                    args=dict(model='sila_fbnetc_100', pretrained=from_pretrained, num_classes=10, bn_eps=None)), path)
+    train_py_checkpoint(path, net, 'sila_fbnetc_100', args_as_dict=True, pretrained=from_pretrained)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     loaded = timm_sila.load_silanet(path)
     assert {m.eps for m in loaded.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {eps}

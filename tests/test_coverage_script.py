@@ -1,10 +1,14 @@
-"""A fast slice of the coverage sweep (benchmarks/coverage.py): same checks, same code, families outside conftest's.
+"""benchmarks/coverage.py, the coverage sweep: its report and records, its family and selection rules, and a fast
+slice of the sweep itself (same checks, same code, families outside conftest's).
 
-Each architecture gets every sweep check: train forward/backward to every head, eval branch 0 bitwise equal to
-vanilla timm, strip branch 0 reloaded bitwise equal by a fresh process without timm_sila (one process for all),
-strip branch 1 reloaded bitwise equal and smaller than the base. The full sweep: `python benchmarks/coverage.py`.
+In the slice, each architecture gets every sweep check: train forward/backward to every head, eval branch 0 bitwise
+equal to vanilla timm, strip branch 0 reloaded bitwise equal by a fresh process without timm_sila (one process for
+all), strip branch 1 reloaded bitwise equal and smaller than the base. The full sweep: `python benchmarks/coverage.py`.
 """
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +17,8 @@ import timm
 
 from conftest import REPRESENTATIVE
 
-pytestmark = pytest.mark.slow  # module set-up of 9-34 s (see the slow marker in pyproject.toml)
-
-_PATH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'coverage.py'
+REPO = Path(__file__).resolve().parents[1]
+_PATH = REPO / 'benchmarks' / 'coverage.py'
 _spec = importlib.util.spec_from_file_location('sila_coverage', _PATH)
 coverage = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(coverage)
@@ -45,6 +48,7 @@ def test_subset_is_outside_conftest_families():
     assert len({family_of[a] for a in SUBSET}) == len(SUBSET)
 
 
+@pytest.mark.slow  # runs the sweep slice (the module fixture `results`), slow as pyproject.toml defines it
 @pytest.mark.parametrize('arch', SUBSET)
 def test_arch_passes_every_sweep_check(results, arch):
     rec = results[arch]
@@ -55,6 +59,7 @@ def test_arch_passes_every_sweep_check(results, arch):
     assert rec['params_branch1'] < rec['params_base']
 
 
+@pytest.mark.slow  # runs the sweep slice (the module fixture `results`), slow as pyproject.toml defines it
 def test_onnx_checks_record_parity(results):
     for arch in EXPORTED:
         diffs = results[arch]['onnx_max_abs_diff']
@@ -84,6 +89,7 @@ def test_export_report_groups_each_exporters_cause():
     assert coverage._export_cell({'status': 'pass'}) == 'ok' and coverage._export_cell(None) == '-'
 
 
+@pytest.mark.slow  # runs the sweep slice (the module fixture `results`), slow as pyproject.toml defines it
 def test_fixed_size_model_is_built_at_a_small_img_size(results):
     # test_coatnet has a fixed input size (160); the sweep rebuilds it with img_size= instead of using 160
     assert results['test_coatnet']['kwargs'] == {'img_size': 32}
@@ -125,19 +131,58 @@ def test_outcome_tells_clear_plugin_errors_from_failures(tmp_path):
     assert 'resnet_does_not_exist' in rec['reason']
 
 
-def test_taps_skip_stages_that_end_with_the_final_one():
-    # CoaT-tiny's feature_info stages 1-3 all come out of its parallel blocks, as deep as the final stage: an exit
-    # there would run the whole backbone, so they are no taps (and the one-line error says how many sets fit)
-    with pytest.raises(ValueError, match='only 1 stages that end before its final one. Use sets <= 2'):
-        timm.create_model('sila_coat_tiny', num_classes=10, img_size=32)
-    net = timm.create_model('sila_coat_tiny', num_classes=10, img_size=32, sila_sets=2)
-    assert net.taps == ['serial_blocks1']
-    assert net.stages[0].depth < net.stages[1].depth == net.stages[-1].depth  # found by hooking its blocks
+# --- the report and the records -----------------------------------------------------------------------------------
+def test_coverage_report_only_without_results_refuses_and_keeps_the_report(tmp_path):
+    doc = REPO / 'docs' / 'coverage.md'
+    before = doc.read_bytes()
+    for results in (tmp_path / 'missing.jsonl', tmp_path / 'empty.jsonl'):
+        if results.name == 'empty.jsonl':
+            results.write_text('\n')
+        run = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'coverage.py'), '--report-only',
+                              '--results', str(results)], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(results) in lines[0] and 'left as it is' in lines[0], run.stderr
+        assert run.stdout == ''
+    assert doc.read_bytes() == before
 
 
-def test_depth_by_stop_early_when_feature_info_names_no_modules():
-    # HRNet's feature_info module names are not its modules; depths come from forward_intermediates(stop_early)
-    net = timm.create_model('sila_hrnet_w18_small', num_classes=10)
-    depths = [s.depth for s in net.stages]
-    assert depths[0] == 1 and all(a < b for a, b in zip(depths, depths[1:])) and depths[-1] < net.total_depth
-    assert net.taps == ['stage1', 'stem']
+def test_coverage_param_count_shows_progress(capsys, tmp_path):
+    names = timm.list_models('test_*')[:3]
+    counts = coverage.param_counts(tmp_path / 'params.json', names=names)
+    assert set(counts) == set(names)
+    assert all(counts[n] == sum(p.numel() for p in timm.create_model(n).parameters()) for n in names)
+    captured = capsys.readouterr()
+    assert 'counting parameters of 3 architectures' in captured.err and 'counted 3' in captured.err
+    assert captured.out == ''
+
+
+def test_coverage_results_line_cut_short_is_skipped_and_the_report_written_whole(tmp_path, capsys):
+    results = tmp_path / 'results.jsonl'
+    whole = dict(arch='test_resnet', family='test', status='pass', check=None, reason='', checks={})
+    results.write_text(json.dumps(whole) + '\n' + json.dumps(dict(whole, arch='test_vit'))[:40])  # killed mid-append
+    assert list(coverage.load_results(results)) == ['test_resnet']
+    assert f'{results}:2: not a whole result record, skipped' in capsys.readouterr().err
+    coverage._end_line(results)  # what a resumed sweep does before appending: the next record is whole
+    with open(results, 'a') as f:
+        f.write(json.dumps(dict(whole, arch='test_vit')) + '\n')
+    assert list(coverage.load_results(results)) == ['test_resnet', 'test_vit']
+    doc = tmp_path / 'coverage.md'
+    doc.write_text('previous report')
+    coverage.write_report(coverage.load_results(results), [('test', 'test_resnet'), ('test', 'test_vit')], doc,
+                          'python benchmarks/coverage.py')
+    text = doc.read_text()
+    assert text.startswith('# Coverage') and 'test_resnet' in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['coverage.md', 'results.jsonl']  # no temp left behind
+
+
+def test_coverage_groups_export_failures_by_step_and_root_cause():
+    long = ('ExportError: torch.onnx cannot convert {} to ONNX opset 18: ConversionError: Failed to decompose the FX '
+            'graph for ONNX compatibility. Cause: ValueError: Cannot view a tensor with shape torch.Size([s77, {}, 3, '
+            '32]) and strides (384, 32, 128, 1) as a tensor with shape (s77, 4, 96)! [export.py:284]')
+    a = coverage._export_failure(long.format('beit_base_patch16_224 branch 0', 5))
+    b = coverage._export_failure(long.format('sila_test_vit_relpos branch 1', 4)[:330])  # recorded reasons are cut
+    assert a == b and a[0] == 'torch.onnx FX decomposition' and a[1].startswith('ValueError: Cannot view a tensor')
+    assert coverage._export_failure('ExportError: torch.export cannot trace sila_x branch 1: '
+                                    'GuardOnDataDependentSymNode: data-dependent u0 [export.py:203]') == (
+        'torch.export tracing', 'GuardOnDataDependentSymNode: data-dependent uN')

@@ -7,6 +7,7 @@ import yaml
 
 import timm
 
+from conftest import build_sila
 from timm_sila import load_stripped, strip
 from timm_sila.ship.strip import branch_model
 from timm_sila.ship.strip import model_card, write_model_card
@@ -21,8 +22,7 @@ def front_matter(text):
 
 @pytest.fixture(scope='module')
 def folders(tmp_path_factory):
-    torch.manual_seed(0)
-    net = timm.create_model('sila_resnet18', num_classes=10).eval()
+    net = build_sila('resnet18')[0].eval()
     root = tmp_path_factory.mktemp('strip')
     return net, strip(net, 0, root / 'r18_b0', img_size=32), strip(net, 1, root / 'r18_b1', img_size=32)
 
