@@ -317,16 +317,20 @@ def test_timm_errors_on_file_values_are_one_checkpoint_error(nets, tmp_path, rea
 
 # --- tensors of another dtype kind are refused, not cast ---------------------------------------------------------
 @pytest.mark.parametrize('dtype', [torch.int64, torch.int8, torch.bool, torch.uint8])
-@pytest.mark.parametrize('reader', ['load_stripped', 'load_silanet'])
+@pytest.mark.parametrize('reader', ['load_stripped', 'load_silanet', 'timm_local_dir'])
 def test_integer_weights_refused_not_cast(net, stripped_copy, tmp_path, dtype, reader):
-    key = 'base.conv1.0.weight' if reader == 'load_silanet' else 'conv1.0.weight'
-    if reader == 'load_stripped':
-        export = stripped_copy(0, tmp_path / 'export')
+    """Every reader refuses them: load_stripped, load_silanet, and timm.create_model('local-dir:...') of a branch-1
+    folder, which timm_sila's registry loads through the same checked loader."""
+    key = 'conv1.0.weight' if reader == 'load_stripped' else 'base.conv1.0.weight'
+    if reader in ('load_stripped', 'timm_local_dir'):
+        export = stripped_copy(0 if reader == 'load_stripped' else 1, tmp_path / 'export')
         tensors = load_file(str(export / 'model.safetensors'))
-        assert tensors['bn1.num_batches_tracked'].dtype == torch.int64  # integer buffers load fine
+        num_batches = 'bn1.num_batches_tracked' if reader == 'load_stripped' else 'base.bn1.num_batches_tracked'
+        assert tensors[num_batches].dtype == torch.int64  # integer buffers load fine
         tensors[key] = tensors[key].to(dtype)
         save_file(tensors, str(export / 'model.safetensors'))
-        call = lambda: load_stripped(export)  # noqa: E731
+        call = ((lambda: load_stripped(export)) if reader == 'load_stripped' else  # noqa: E731
+                (lambda: timm.create_model(f'local-dir:{export}', pretrained=True)))
     else:
         state = {k: v.clone() for k, v in net.state_dict().items()}
         state[key] = state[key].to(dtype)

@@ -1,5 +1,7 @@
 """timm_sila.config: SilaConfig (the SilaNet settings, checked once), the mapping between sila_* and timm names,
 and non-finite hyper-parameters refused by every entry point (SilaLoss, the functional loss, create_model, SilaNet)."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -80,3 +82,20 @@ BAD_HPARAMS = {
 def test_non_finite_hyperparameters_are_refused(make):
     with pytest.raises(ValueError, match=r'finite|beta|decay|smoothing|weight'):
         make()
+
+
+def test_silanet_keeps_its_config_and_derives_its_settings_from_it():
+    """A SilaNet holds one SilaConfig: the settings are read from it, `branch` keeps it current, and its sila_*
+    keyword form (with the taps as resolved) rebuilds the same model."""
+    config = SilaConfig(sets=2, beta=0.2, decay=0.25, taps='stages')
+    net = SilaNet('test_resnet', num_classes=10, config=config)
+    assert net.config == config and (net.sets, net.beta, net.decay, net.head_type) == (2, 0.2, 0.25, 'conv3x3')
+    net.branch = 1
+    assert net.config.branch == 1 and net.branch == 1
+    assert net.sila_args() == dict(config.to_kwargs(), sila_taps=net.taps, sila_branch=1)
+    rebuilt = timm.create_model('sila_test_resnet', num_classes=10, **net.sila_args())
+    assert rebuilt.taps == net.taps and rebuilt.config == dataclasses.replace(net.config, taps=net.taps)
+    with pytest.raises(ValueError, match='not both'):
+        SilaNet('test_resnet', num_classes=10, sets=3, decay=0.4, config=config)
+    with pytest.raises(ValueError, match='branch'):
+        net.branch = 2  # validated by the same check as SilaConfig's
