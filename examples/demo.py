@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import timm
+from timm_sila import load_silanet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_cifar  # noqa: E402  the training loop this demo runs
@@ -73,9 +74,8 @@ def main():
     final = train_cifar.main(train_args, data=data)
 
     # reload branch 0 with plain timm: no timm_sila code involved, config.json names the base architecture
-    folder = final['branch0_dir']
+    folder = out / final['branch0_dir']  # results.json records paths relative to the output folder
     plain = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
-    from timm_sila import load_silanet
     net = load_silanet(out / 'sila_checkpoint.pth.tar')  # the trained SilaNet, all branches
     ckpt_args = torch.load(out / 'sila_checkpoint.pth.tar', weights_only=True)['args']
     mean = torch.tensor(ckpt_args['mean']).view(1, 3, 1, 1)
@@ -94,7 +94,7 @@ def main():
     print(f'  architecture {plain.pretrained_cfg.get("architecture")}, test top-1 {plain_acc:.2f}% '
           f'(SilaNet branch 0: {sila_acc:.2f}%), max |logit difference| {diff:.2e} '
           f'-> {"MATCH" if plain_acc == sila_acc and diff < 1e-4 else "MISMATCH"}')
-    print(f'  branch 1 (compressed) folder: {final["branch1_dir"]}; all outputs in {out}')
+    print(f'  branch 1 (compressed) folder: {out / final["branch1_dir"]}; all outputs in {out}')
     if plain_acc != sila_acc or diff >= 1e-4:
         sys.exit(1)
 

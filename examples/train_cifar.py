@@ -209,6 +209,16 @@ def accuracies(result: Dict) -> Dict[str, float]:
 
 
 # --- (6) logs -----------------------------------------------------------------------------------------------------
+def _logged_path(path, out: Path) -> str:
+    """A path as the logs record it: relative to the output folder when inside it, else only its name (logs travel
+    with the results; absolute paths of the machine that wrote them mean nothing elsewhere)."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(out.resolve())) or '.'
+    except ValueError:
+        return path.name
+
+
 def write_logs(out: Path, runs: List[Run], meta: Dict) -> None:
     rows = [dict(run=r.name, **row) for r in runs for row in r.rows]
     fields = list(dict.fromkeys(k for row in rows for k in row))
@@ -413,8 +423,9 @@ def main(argv=None, data: Optional[Dict] = None) -> Dict:
     done = load_state(args.state, runs, key, device) if args.state else 0
     if done:
         print(f'resumed from {args.state}: {done} epoch(s) done', flush=True)
-    meta = dict(model=args.model, arch=arch, num_classes=num_classes, source=source, seed=args.seed,
-                args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    meta = dict(model=args.model, arch=arch, num_classes=num_classes, source=_logged_path(source, out),
+                seed=args.seed, args={k: _logged_path(v, out) if isinstance(v, Path) else v
+                                      for k, v in vars(args).items()},
                 milestones=milestones, taps=list(sila.taps), device=str(device), threads=torch.get_num_threads())
     for epoch in range(done, args.epochs):
         for run in runs:
@@ -455,12 +466,12 @@ def main(argv=None, data: Optional[Dict] = None) -> Dict:
             kwargs.update(sila_branch=0, sila_stripped=False)
         save_checkpoint(ckpt, run.model, args.model if is_sila else arch, args, num_classes, mean.cpu(),
                         std.cpu(), args.epochs, kwargs)
-        final['runs'][run.name]['checkpoint'] = str(ckpt)
+        final['runs'][run.name]['checkpoint'] = _logged_path(ckpt, out)
     if not args.no_strip:
         for branch in (0, 1):
             folder = timm_sila.strip(out / 'sila_checkpoint.pth.tar', branch=branch, out_dir=out / f'branch{branch}',
                                      overwrite=True)
-            final[f'branch{branch}_dir'] = str(folder)
+            final[f'branch{branch}_dir'] = _logged_path(folder, out)
             print(f'stripped branch {branch} -> {folder}')
     write_json(out / 'results.json', final)
     print(f'logs: {out / "log.csv"}, {out / "log.json"}, {png or "(no PNG: pip install matplotlib)"}; '
