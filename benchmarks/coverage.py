@@ -569,6 +569,16 @@ def _md(text: Any) -> str:
     return str(text).replace('|', '\\|').replace('\n', ' ')
 
 
+def _grouped_table(title: str, intro: str, step: str, groups: Dict[Tuple[str, str], Dict[str, List[str]]]
+                   ) -> List[str]:
+    """A report section: one row per (step, root cause) with its architectures and their branches, largest first."""
+    lines = [f'## {title}', '', intro, '', f'| {step} | root cause | architectures (branches) |', '|---|---|---|']
+    for (stage, cause), archs in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        names = ', '.join(f'{a} ({"/".join(b)})' for a, b in sorted(archs.items()))
+        lines.append(f'| {stage} | {_md(cause)} | {len(archs)}: {names} |')
+    return lines + ['']
+
+
 def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]], doc: Path,
                  command: str, sources: Sequence[Path] = ()) -> Dict[str, Any]:
     """Write the report `doc` (replacing the previous report, never one of `sources`, e.g. the results file)."""
@@ -671,23 +681,16 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
             lines.append(f'| {status} | {check} | {_md(reason)} | {len(archs)}: {", ".join(sorted(archs))} |')
         lines.append('')
     if fallback:
-        lines += ['## ONNX exports written by the TorchScript fallback', '',
-                  'Branches the dynamo exporter could not export, grouped by its root cause (numbers and names '
-                  'blanked); the TorchScript exporter wrote them and they passed the same parity check.', '',
-                  '| dynamo failed at | root cause | architectures (branches) |', '|---|---|---|']
-        for (stage, cause), archs in sorted(fallback.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-            names = ', '.join(f'{a} ({"/".join(b)})' for a, b in sorted(archs.items()))
-            lines.append(f'| {stage} | {_md(cause)} | {len(archs)}: {names} |')
-        lines.append('')
+        lines += _grouped_table(
+            'ONNX exports written by the TorchScript fallback',
+            'Branches the dynamo exporter could not export, grouped by its root cause (numbers and names blanked); the '
+            'TorchScript exporter wrote them and they passed the same parity check.', 'dynamo failed at', fallback)
     if export_classes:
-        lines += ['## ONNX export failures', '',
-                  'Grouped by the step that failed and its root cause (numbers and names blanked). A failure of '
-                  'branch 0, the unchanged timm model, is torch\'s or the architecture\'s, not the plugin\'s.', '',
-                  '| failing step | root cause | architectures (branches) |', '|---|---|---|']
-        for (stage, cause), archs in sorted(export_classes.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-            names = ', '.join(f'{a} ({"/".join(b)})' for a, b in sorted(archs.items()))
-            lines.append(f'| {stage} | {_md(cause)} | {len(archs)}: {names} |')
-        lines.append('')
+        lines += _grouped_table(
+            'ONNX export failures',
+            'Grouped by the step that failed and its root cause (numbers and names blanked). A failure of branch 0, '
+            'the unchanged timm model, is torch\'s or the architecture\'s, not the plugin\'s.', 'failing step',
+            export_classes)
     lines += ['## Families', '',
               '| family | architecture | params | input | sets / taps | result | reason | ONNX b0 / b1 |',
               '|---|---|---|---|---|---|---|---|']
