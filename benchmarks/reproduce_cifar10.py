@@ -43,11 +43,8 @@ PROTOCOLS = {
     # can grow: `--epochs N` continues the per-seed states of a shorter run (cost per epoch: docs/results.md).
     'resnet18': dict(model='sila_resnet18', epochs=4, seeds=[0, 1, 2], recipe='paper', jobs=2, threads=1,
                      val_fraction=0.1),
-    # 2 CPU cores shared with other work: one torch thread per process (2 threads on the oversubscribed box were
-    # 3-10x slower), the three seeds as three parallel processes. On an idle core a 128-image step takes
-    # ~0.22 s (base) / ~0.24 s (Sila): ~190 CPU-s per seed-epoch for both models, ~19 CPU-min for this
-    # protocol (~10 min on 2 idle cores). Sized for a box where other jobs leave these processes well under
-    # one core (measured 2026-11-29: 15 % of a core each, 750 s per Sila epoch): still < 60 min.
+    # A short look at ResNet18 on 2 CPU cores: one torch thread per process, the three seeds as parallel processes
+    # (a 128-image step takes about 1.4 s on one idle core: docs/results.md, "Cost of a training step").
     'cpu': dict(model='sila_resnet18', epochs=2, seeds=[0, 1, 2], recipe='scaled', jobs=3, threads=1),
     # One GPU, ~8 minutes: 3 seeds x 15 epochs x (base + Sila), the seeds as parallel processes on one device.
     'gpu': dict(model='sila_resnet18', epochs=15, seeds=[0, 1, 2], recipe='scaled', jobs=3, threads=4),
@@ -86,7 +83,7 @@ def run_seeds(cfg, args, out: Path):
                    '--state', str(args.state_dir / f'seed{seed}.pt')]
             if args.device:
                 cmd += ['--device', args.device]
-            if args.channels_last or cfg.get('channels_last'):
+            if args.channels_last if args.channels_last is not None else cfg.get('channels_last'):
                 cmd += ['--channels-last']
             if args.limit:
                 cmd += ['--limit', str(args.limit)]
@@ -196,7 +193,7 @@ def summarize(results, cfg, args, wall_s):
     sizes = sila[0]['branches']
     summary = dict(
         protocol=args.protocol, config=cfg, seeds=seeds, img_size=args.img_size, batch_size=args.batch_size,
-        wall_clock_s=wall_s, device='cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu',
+        wall_clock_s=None if args.summarize_only else wall_s, device='cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu',
         cpu_count=os.cpu_count(), torch=torch.__version__,
         topk={name: [mean_std(v) for v in vals] for name, vals in rows.items()},
         per_seed_top1={name: vals[0] for name, vals in rows.items()},
@@ -232,8 +229,8 @@ def summarize(results, cfg, args, wall_s):
                      f"{100 * b['cr']:.2f} % |")
     eb, es = summary['epoch_time_s']['base'], summary['epoch_time_s']['sila']
     lines += ['', f"Training time per epoch: base {eb[0]:.1f} ± {eb[1]:.1f} s, Sila {es[0]:.1f} ± {es[1]:.1f} s; "
-                  f"Sila / base = {fmt(ratio, 3)} (per seed {', '.join(f'{r:.3f}' for r in ratio)}). "
-                  f"Whole benchmark: {wall_s / 60:.1f} min wall-clock."]
+                  f"Sila / base = {fmt(ratio, 3)} (per seed {', '.join(f'{r:.3f}' for r in ratio)})."
+                  + ('' if args.summarize_only else f" Whole benchmark: {wall_s / 60:.1f} min wall-clock.")]
     return summary, '\n'.join(lines)
 
 
@@ -254,7 +251,9 @@ def main(argv=None):
                    help='per-seed resumable training states (default ~/.cache/timm-sila/reproduce/<protocol>): '
                         'an interrupted run continues from its last finished epoch')
     p.add_argument('--device', default=None, help='cpu / cuda (default: cuda when available)')
-    p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
+    p.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: the protocol's; --no-channels-last for NCHW, "
+                        "bit for bit what a run in NCHW gave)")
     p.add_argument('--summarize-only', action='store_true', help='rebuild the summary from the seeds\' results')
     args = p.parse_args(argv)
     if args.protocol == 'auto':

@@ -6,7 +6,7 @@ output), as `EarlyExit.segment_macs` measures them.
 
 Every 'compute' here is that MAC fraction, an estimate of work, not of time: routing costs time per batch and early
 layers are often memory-bound, so an operating point with compute < 1 can run slower than the base model. Before
-shipping an EarlyExit for speed, measure it (`timm_sila.exit_curve.measure_speedup(early_exit, None, batches)`), or
+shipping an EarlyExit for speed, measure it (`timm_sila.exits.curve.measure_speedup(early_exit, None, batches)`), or
 run `exit_curve`, whose 'verdict' says whether any point within the drop is faster and which stripped branch is.
 """
 import math

@@ -78,7 +78,7 @@ class EarlyExit(nn.Module):
 
     Construction does not time anything. `ExitResult.compute` counts MACs, not time: whether routing pays depends on
     where the taps sit and on the per-batch cost of routing, so measure before shipping for speed
-    (`timm_sila.exit_curve.measure_speedup(early_exit, None, batches)`, > 1 = faster than the base model), or use
+    (`timm_sila.exits.curve.measure_speedup(early_exit, None, batches)`, > 1 = faster than the base model), or use
     `exit_curve`, whose verdict also names the stripped branch that is fastest within the same accuracy drop.
     """
 
@@ -185,7 +185,7 @@ class EarlyExit(nn.Module):
 
     def segment_macs(self, x: torch.Tensor) -> List[int]:
         """Per-sample backbone MACs of each segment in exit order: input → shallowest tap, …, deepest tap →
-        output (classifier included); measured once per input size (`timm_sila.macs.segment_macs`)."""
+        output (classifier included); measured once per input size (`timm_sila.exits.macs.segment_macs`)."""
         key = tuple(x.shape[1:])
         if key not in self._segment_macs:
             self._segment_macs[key] = segment_macs(self.model.base, x, [self._tap_module(k) for k in self.exit_sets])

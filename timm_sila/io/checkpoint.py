@@ -2,7 +2,7 @@
 
 Files are read with `torch.load(..., weights_only=True)` (allow-listing only `argparse.Namespace`, which timm's
 train.py stores as `args`) or with safetensors; arbitrary pickles are refused. What a file says about its model
-passes `timm_sila.config`'s checks: its create_model kwargs the allow-list (anything that loads, fetches or writes
+passes `timm_sila.io.trust`'s checks: its create_model kwargs the allow-list (anything that loads, fetches or writes
 is refused with UnsafeFileError), its data config the range checks, its model name the registry. Weights are
 loaded strictly and never cast across kinds (an integer tensor where the model holds floats is refused). Every
 failure to read is a CheckpointError (or FileNotFoundError / IsADirectoryError / PermissionError) naming the file.
@@ -243,7 +243,7 @@ def read_checkpoint(path: Union[str, Path], overridden: Iterable[str] = ()) -> C
     Every layout timm's load_checkpoint reads: the weights under 'state_dict' or 'model' (in that order) or the
     file a state_dict itself (torch or safetensors), the EMA weights under 'state_dict_ema' or 'model_ema', and in
     each of them the training script's `args` (see `_read_args`). The create_model kwargs and data config of the
-    args pass the allow-list, range checks and bounds of `timm_sila.config` (UnsafeFileError otherwise); kwargs
+    args pass the allow-list, range checks and bounds of `timm_sila.io.trust` (UnsafeFileError otherwise); kwargs
     named in `overridden` -- those the caller sets itself -- are not read from the file.
     """
     path = Path(path)
@@ -491,7 +491,7 @@ def load_silanet(
     """Rebuild the full SilaNet a checkpoint was saved from and load its weights strictly (eval mode).
 
     The model comes from the arguments given, else from the checkpoint's train.py args (allow-listed and bounded:
-    see `timm_sila.config`; an argument given here replaces the file's, which is then not read); num_classes and
+    see `timm_sila.io.trust`; an argument given here replaces the file's, which is then not read); num_classes and
     sets default to what the heads in the state_dict show. `ema=True` loads the EMA weights ('state_dict_ema' or
     'model_ema'). `img_size` replaces an img_size in the file's model_kwargs. The arguments are checked against
     the weights before the model is built (`build_checked`).

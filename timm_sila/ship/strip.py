@@ -4,9 +4,9 @@ Branch 0 is written as the plain base architecture (loads in timm without timm_s
 `sila_<arch>` (backbone up to tap k + head k) that loads after `import timm_sila`. Both are the files
 `timm.models.save_for_hf` writes: `model.safetensors` + `config.json`, the latter holding only what is true of the
 exported weights (no pretrained tag, origin URL or hub id of the weights the base model was created from).
-Folders are written by `timm_sila.atomic` (whole or not at all, one writer at a time, never over an input, with a
+Folders are written by `timm_sila.io.atomic` (whole or not at all, one writer at a time, never over an input, with a
 manifest of the files written: overwriting replaces only those); `load_stripped` reads a folder as a stranger's
-(see `timm_sila.config`).
+(see `timm_sila.io.trust`).
 """
 import copy
 import json
@@ -137,7 +137,7 @@ def strip(
     `out_dir` must be new or empty; with `overwrite`, the files an earlier strip wrote there (as its manifest lists
     them, unchanged) are replaced, and the ones not written now -- the card, with `card=False` -- removed. A folder
     holding any other file is refused (ForeignFilesError), as is one that is or contains an input (the checkpoint,
-    the metrics file), even with overwrite. See `timm_sila.atomic`.
+    the metrics file), even with overwrite. See `timm_sila.io.atomic`.
     """
     if out_dir is None:
         raise ValueError('strip() needs out_dir, the folder to write model.safetensors and config.json into.')
@@ -209,7 +209,7 @@ def load_stripped(out_dir: Union[str, Path], **model_kwargs) -> nn.Module:
     """Load a folder written by `strip` (either branch) as a timm model in eval mode.
 
     The folder is read as a stranger's: config.json's `architecture` must be a registered timm name, its
-    `model_args` pass the allow-list of `timm_sila.config` (an argument given here replaces the file's, which is
+    `model_args` pass the allow-list of `timm_sila.io.trust` (an argument given here replaces the file's, which is
     then not read), only the data config fields of its `pretrained_cfg` are used (range-checked), and its class
     names (`label_names`, one short name per class) become the model's `pretrained_cfg['label_names']`; the model is
     checked against model.safetensors on the meta device, then built with pretrained=False and the weights loaded
@@ -267,7 +267,7 @@ def write_model_card(folder: Union[str, Path], metrics: Union[str, Path, Dict[st
     """Write `model_card(folder, metrics, **kwargs)` to folder/README.md atomically; returns its path.
 
     An existing README.md is replaced only with `overwrite`, and only when timm-sila wrote it (the folder's
-    manifest lists it, unchanged): else OutputExistsError / ForeignFilesError (see `timm_sila.atomic`); the
+    manifest lists it, unchanged): else OutputExistsError / ForeignFilesError (see `timm_sila.io.atomic`); the
     folder's other files are kept, the manifest records the new card.
     """
     folder = Path(folder)
