@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -85,10 +86,14 @@ def _is_tensor_dict(obj: Any) -> bool:
 
 
 def _check_file(path: Path, what: str = 'Checkpoint') -> None:
+    """A missing file, a folder, and anything that is not a regular file (a FIFO would block the reader forever, a
+    device would stream without end) is refused before it is opened."""
     if not path.exists():
         raise FileNotFoundError(f'{what} {path} does not exist.')
     if path.is_dir():
         raise IsADirectoryError(f'{what} {path} is a folder; pass the file inside it.')
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise CheckpointError(f'{what} {path} is not a regular file (a FIFO, socket or device); pass a file.')
 
 
 def _is_utf8(path: Path) -> bool:
@@ -148,7 +153,10 @@ def _check_zip_expansion(path: Path) -> None:
 
 def _read_raw(path: Path) -> Any:
     _check_file(path)
-    with path.open('rb') as f:
+    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))  # never waits on a FIFO put there meanwhile
+    with os.fdopen(fd, 'rb') as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise CheckpointError(f'Checkpoint {path} is not a regular file (a FIFO, socket or device); pass a file.')
         magic = f.read(8)
     if not magic:
         raise CheckpointError(f'Checkpoint {path} is empty (0 bytes).')
