@@ -1,4 +1,4 @@
-"""Training throughput on the CPU per setting, base and Sila side by side (issue 13: what makes a CPU step faster).
+"""Training throughput on the CPU per setting, base and Sila side by side: what makes a CPU training step faster.
 
 One training step = examples/train_cifar.py's step: augment + normalise a uint8 batch, forward, loss (Sila loss for
 the SilaNet, cross-entropy for the base), backward, SGD step. For each setting the base and the SilaNet alternate

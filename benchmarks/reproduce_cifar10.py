@@ -218,7 +218,7 @@ def summarize(results, cfg, args, wall_s):
         ci_text = '-' if ci['ci95'] is None else f"[{ci['ci95'][0]:+.2f}, {ci['ci95'][1]:+.2f}]"
         sig = '-' if ci['significant'] is None else ('yes' if ci['significant'] else 'no')
         lines.append(f'| {name} | {fmt(v)} | {ci_text} | {sig} | {", ".join(f"{d:+.2f}" for d in v)} |')
-    lines += ['', f'Plateau check, last fifth of the epochs (max - min of test top-1, mean over seeds):']
+    lines += ['', 'Plateau check, last fifth of the epochs (max - min of test top-1, mean over seeds):']
     for name, per_seed in plateaus.items():
         lines.append(f"- {name}: range {statistics.fmean(p['range'] for p in per_seed):.2f} points, slope "
                      f"{statistics.fmean(p['slope_per_epoch'] for p in per_seed):+.3f} points/epoch "
@@ -295,7 +295,7 @@ def main(argv=None):
                       overwrite=True)
     atomic_write_file(args.out / 'summary.md', lambda tmp: tmp.write_text(table + '\n'), overwrite=True)
     print('\n' + table)
-    print(f'\nwritten: {args.out / "summary.json"}, {args.out / "summary.md"}')
+    print(f'\nwritten: {args.out / "summary.json"}, {args.out / "summary.md"}' + (f', {png}' if png else ''))
 
 
 if __name__ == '__main__':

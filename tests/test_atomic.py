@@ -35,7 +35,6 @@ from timm_sila.io.atomic import (
     MANIFEST_NAME, MARKER_NAME, TMP_PREFIX, ForeignFilesError, OutputBusyError, OutputExistsError, OutputWriteError,
     SourceInOutputError, atomic_output_dir, atomic_write_file, check_output_dir, read_manifest)
 from timm_sila.exits.early_exit import EarlyExit
-from timm_sila.ship.export import export
 from timm_sila.ship.strip import write_model_card
 from timm_sila_cli import main
 

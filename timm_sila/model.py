@@ -16,7 +16,7 @@ from timm_sila._timm_compat import copy_traits, group_with_matcher, model_args, 
 __all__ = ['SilaNet', 'sila_pretrained_cfg', 'prune_base', 'create_with_img_size']
 
 
-_DEFAULT_SETTINGS = dict(sets=3, beta=0.1, decay=0.5, taps=None, branch=0, head='conv3x3', stripped=False)
+_DEFAULT_SETTINGS = dataclasses.asdict(SilaConfig())  # the settings a SilaNet takes by default
 
 
 def sila_pretrained_cfg(base_cfg: Dict[str, Any], arch: str) -> Dict[str, Any]:
@@ -260,7 +260,7 @@ class SilaNet(nn.Module):
 
     def base_args(self) -> Dict[str, Any]:
         """The create_model kwargs that rebuild the base as it is: those timm recorded, those that keep its module
-        when timm rebuilds it with pretrained=True (`timm_compat.pinned_args`), and the current num_classes."""
+        when timm rebuilds it with pretrained=True (`_timm_compat.pinned_args`), and the current num_classes."""
         return dict(model_args(self.base), **pinned_args(self.arch, self.base), num_classes=self.num_classes)
 
     def sila_args(self) -> Dict[str, Any]:

@@ -66,18 +66,7 @@ def checkpoint_options(args: argparse.Namespace) -> Dict[str, Any]:
 def model_from_args(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, Any]]:
     """(model, data-config args of its file) for `eval` / `exit-curve`: --model with --checkpoint, or --model
     local-dir:DIR; the flags that do not apply to a folder are refused by name."""
-    name = args.model
-    if name.startswith(LOCAL_DIR):
-        if args.checkpoint:
-            raise ValueError(f'--checkpoint does not apply to {name}: the folder holds its own weights.')
-        if args.ema:
-            raise ValueError('--ema does not apply to a stripped folder (it holds one set of weights).')
-        if args.num_classes is not None:
-            raise ValueError('--num-classes does not apply to a stripped folder: its config.json says.')
-    else:
-        check_model_name(name)
-        if not args.checkpoint:
-            raise ValueError(f'--model {name} needs --checkpoint CKPT (or use --model local-dir:DIR for a stripped '
-                             f'folder).')
-    return load_model(name, args.checkpoint, num_classes=args.num_classes, ema=args.ema, img_size=args.img_size,
-                      given_as={'num_classes': '--num-classes'})
+    if not args.model.startswith(LOCAL_DIR):
+        check_model_name(args.model)
+    return load_model(args.model, args.checkpoint, num_classes=args.num_classes, ema=args.ema, img_size=args.img_size,
+                      given_as=dict(checkpoint='--checkpoint', num_classes='--num-classes', ema='--ema'))

@@ -4,7 +4,7 @@ from typing import Any, Dict
 
 from timm_sila.measure.bench import bench_branches
 
-from ._common import checkpoint_options, print_json
+from ._common import checkpoint_options, print_json, resolve_device
 
 
 def _rate(images_per_s: float) -> str:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     """Times every branch of --source in one run; prints the table (or the JSON result)."""
     result = bench_branches(args.source, img_size=args.img_size, batch_size=args.batch_size, threads=args.threads,
                             runtime=args.runtime, warmup=args.warmup, repeats=args.repeats, metrics=args.metrics,
-                            device=args.device, **checkpoint_options(args))
+                            device=resolve_device(args.device), **checkpoint_options(args))
     if args.json:
         print_json(result)
     else:

@@ -6,7 +6,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from timm_sila.data.config import resolve_data_config
 from timm_sila.data.folder import eval_loader

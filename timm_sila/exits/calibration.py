@@ -1,5 +1,5 @@
 """Early-exit operating points chosen offline from cached branch logits (n, M, N) of held-out data: per-set
-temperatures, simulated exit decisions, and shared or per-exit thresholds (see `exit_policy` for the exit test).
+temperatures, simulated exit decisions, and shared or per-exit thresholds (see `policy` for the exit test).
 
 segment_macs: per-sample MACs of each backbone segment in exit order (input -> shallowest tap, ..., deepest tap ->
 output), as `EarlyExit.segment_macs` measures them.

@@ -313,6 +313,9 @@ def exit_curve(model: SilaNet, calib_loader: Iterable, eval_loader: Iterable, po
         raise ValueError(f'max_drop must be a finite number of accuracy points >= 0, got {max_drop!r}.')
     if timed < 0 or repeats < 1:
         raise ValueError(f'timed must be >= 0 and repeats >= 1, got timed={timed}, repeats={repeats}.')
+    if progress is not None and not callable(progress):
+        raise ValueError(f'progress must be a function taking one line of text (e.g. one that writes it to stderr), '
+                         f'or None; got {progress!r}.')
     report = progress or (lambda line: None)
     calib_logits, calib_labels, _ = collect_branch_logits(model, calib_loader, device, progress, what='calibration')
     eval_logits, eval_labels, batches = collect_branch_logits(model, eval_loader, device, progress, what='evaluation')

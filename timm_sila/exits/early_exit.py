@@ -1,4 +1,4 @@
-"""Sila branches as early exits, routed per sample inside a batch (choosing thresholds: `exit_calibration`).
+"""Sila branches as early exits, routed per sample inside a batch (choosing thresholds: `calibration`).
 
 Exits are tried from the shallowest tap (set M-1) to the deepest (set 1), then the base head (set 0).
 A forward hook on each tap module scores the head's logits; samples whose confidence clears the exit's

@@ -37,6 +37,9 @@ Exceptions (all `OSError`s; `OutputError` is the one to catch; the CLI maps them
       OutputBusyError(OutputError, BlockingIOError)     another process is writing the same folder now
       SourceInOutputError(OutputError, ValueError)      the output is, contains or lies in an input of the call
       OutputWriteError(OutputError)                     the OS refused a write (`.errno`: ENOSPC, EACCES, EISDIR...)
+      OutputPathError(OutputError)                      the output path cannot be used as given: its folder is
+        missing (also a FileNotFoundError), it is a folder where a file is wanted (IsADirectoryError) or the reverse
+        (NotADirectoryError), or timm-sila reserves its name
 `e.message(overwrite='--force')` words a refusal for an interface with another name for overwrite (the CLI).
 """
 import ctypes
@@ -60,7 +63,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 __all__ = [
     'OutputError', 'OutputExistsError', 'ForeignFilesError', 'OutputBusyError', 'SourceInOutputError',
-    'OutputWriteError', 'check_output_dir', 'check_output_file', 'atomic_output_dir', 'atomic_write_file',
+    'OutputWriteError', 'OutputPathError', 'output_path_error', 'check_output_dir', 'check_output_file', 'atomic_output_dir', 'atomic_write_file',
     'read_manifest', 'TMP_PREFIX', 'MARKER_NAME', 'MANIFEST_NAME',
 ]
 
@@ -134,6 +137,24 @@ class SourceInOutputError(OutputError, ValueError):
 
 class OutputWriteError(OutputError):
     """The operating system refused a write (`.errno` as the OS gave it: ENOSPC, EFBIG, EACCES, EISDIR, ...)."""
+
+
+class OutputPathError(OutputError):
+    """The output path cannot be used as given (a missing folder, a folder where a file is wanted or the reverse, a
+    name timm-sila reserves); nothing was written. `output_path_error` makes the one that is also the matching
+    builtin (FileNotFoundError, IsADirectoryError, NotADirectoryError)."""
+
+
+_PATH_ERRORS = {errno.ENOENT: FileNotFoundError, errno.EISDIR: IsADirectoryError, errno.ENOTDIR: NotADirectoryError}
+_PATH_ERROR_CLASSES: Dict[int, type] = {
+    code: type(f'Output{builtin.__name__}', (OutputPathError, builtin), {'__module__': __name__})
+    for code, builtin in _PATH_ERRORS.items()}
+
+
+def output_path_error(message: str, path: PathLike, code: int) -> OutputPathError:
+    """An OutputPathError that is also the builtin error of `code` (ENOENT, EISDIR, ENOTDIR; else only an
+    OutputPathError), so both `except OutputError` and `except FileNotFoundError` catch it."""
+    return _PATH_ERROR_CLASSES.get(code, OutputPathError)(message, path, code)
 
 
 # --- file system helpers ----------------------------------------------------------------------------------------
@@ -593,7 +614,7 @@ def _check_target(out_dir: Path, sources: Sequence[PathLike], names: Optional[Se
                 f'Output folder {out_dir} lies in the input folder {source}; writing there could change the input. '
                 f'Choose another output folder (nothing was changed).', out_dir)
     if os.path.lexists(out_dir) and not out_dir.is_dir():
-        raise NotADirectoryError(f'Output {out_dir} exists and is not a folder.')
+        raise output_path_error(f'Output {out_dir} exists and is not a folder.', out_dir, errno.ENOTDIR)
 
 
 def _lock(out_dir: Path) -> int:
@@ -736,16 +757,19 @@ def check_output_file(path: PathLike, overwrite: bool = False, sources: Iterable
 
     Refuses: `path` that is one of `sources` or lies in a source folder (SourceInOutputError, also with
     overwrite), whose folder does not exist (FileNotFoundError), that is a folder (IsADirectoryError), that
-    exists without `overwrite` (OutputExistsError), or whose name timm-sila reserves (ValueError).
+    exists without `overwrite` (OutputExistsError), or whose name timm-sila reserves (OutputPathError; the missing
+    folder and the folder are OutputPathErrors too).
     """
     path = Path(path)
     if not _is_output_name(path.name) or path.name in (MANIFEST_NAME, _PREVIOUS, _LINK_PROBE):
-        raise ValueError(f'Cannot write {path}: timm-sila reserves the name {path.name!r}; choose another name.')
+        raise output_path_error(f'Cannot write {path}: timm-sila reserves the name {path.name!r}; choose another '
+                                f'name.', path, errno.EINVAL)
     _check_file_target(path, list(sources))
     if not path.parent.is_dir():
-        raise FileNotFoundError(f'Cannot write {path}: folder {path.parent} does not exist; create it first.')
+        raise output_path_error(f'Cannot write {path}: folder {path.parent} does not exist; create it first.', path,
+                                errno.ENOENT)
     if path.is_dir():
-        raise IsADirectoryError(f'Cannot write {path}: it is a folder; pass a file path.')
+        raise output_path_error(f'Cannot write {path}: it is a folder; pass a file path.', path, errno.EISDIR)
     if not overwrite and os.path.lexists(path):
         raise OutputExistsError(path, f'{path} exists; pass {{option}} to replace it.')
     return path

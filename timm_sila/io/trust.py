@@ -77,7 +77,7 @@ class Bound:
 
 # Derived from timm 1.0.31: its 3,394 registered pretrained cfgs and the literal model arguments of timm/models/*.py
 # (entrypoint model_args and constructor defaults), scanned programmatically; the margin is stated with each bound.
-# A value within these bounds can still disagree with the file's own weights: `checkpoint.build_checked` compares
+# A value within these bounds can still disagree with the file's own weights: `io.checkpoint.build_checked` compares
 # them on the meta device before anything is built for real.
 FILE_LIMITS: Dict[str, Bound] = {
     # classifier and input

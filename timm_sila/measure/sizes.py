@@ -84,6 +84,3 @@ def model_info(model: str, num_classes: int, img_size: Optional[int] = None, set
                 taps=list(net.taps), head=net.head_type, branches=branch_sizes(net),
                 train=dict(params=train, size_mb=train * 4 / MB),
                 units='size_mb = params * 4 bytes (fp32) / 2**20; cr = 1 - params(branch) / params(branch 0)')
-
-
-# --- memory of a batch ----------------------------------------------------------------------------------------

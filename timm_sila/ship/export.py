@@ -29,7 +29,6 @@ ONNX needs the optional extra `pip install timm-sila[export]` (onnx, onnxscript,
 import contextlib
 import inspect
 import io
-import os
 import re
 import sys
 import warnings
@@ -104,14 +103,7 @@ def _check_out(out: Union[str, Path, None], fmt: str, overwrite: bool, source: A
     """The refusals of the write, made before the (slow) export."""
     if out is None:
         raise ValueError(f'export() needs out=, the {fmt} file to write (e.g. model.{fmt}).')
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f'Cannot write {out}: folder {out.parent} does not exist; create it first.')
-    if out.is_dir():
-        raise IsADirectoryError(f'Cannot write {out}: it is a folder; pass a file path such as {out}/model.{fmt}.')
-    if any(os.path.realpath(out) == os.path.realpath(p) for p in _inputs(source)):
-        raise ValueError(f'{out} is an input of the export; write the {fmt} file elsewhere.')
-    return check_output_file(out, overwrite)
+    return check_output_file(out, overwrite, _inputs(source))
 
 
 def _inputs(source: Any) -> List[Path]:

@@ -87,28 +87,27 @@ def load_model(name: str, checkpoint: Union[str, Path, None] = None, num_classes
     name (the full SilaNet of `checkpoint`), or a plain timm architecture (its `checkpoint`). A checkpoint whose
     state_dict is a SilaNet's is read as one whatever the name. Every file is checked against its weights before
     the model is built and loaded strictly (integer tensors are refused, never cast). `num_classes` / `img_size`
-    replace the file's; `ema` reads the EMA weights. `given_as` names the given arguments in error messages the way
-    the caller spells them (e.g. {'num_classes': '--num-classes'})."""
+    replace the file's, which is then not read; `ema` reads the EMA weights. `given_as` names the arguments in error
+    messages the way the caller spells them (default {'checkpoint': 'checkpoint', 'num_classes': 'num_classes',
+    'ema': 'ema'}; a command line passes its flags)."""
+    names = dict(dict(checkpoint='checkpoint', num_classes='num_classes', ema='ema'), **(given_as or {}))
     if name.startswith(LOCAL_DIR):
-        given = [what for what, value in (('a checkpoint', checkpoint), ('ema', ema), ('num_classes', num_classes))
-                 if value]
-        if given:
-            raise ValueError(f'{" and ".join(given)} do not apply to {name}: the folder holds its own weights and '
-                             f'its config.json says what they are.')
+        for key, value in (('checkpoint', checkpoint), ('ema', ema), ('num_classes', num_classes)):
+            if value:
+                raise ValueError(f'{names[key]} does not apply to {name}: the folder holds its own weights, and its '
+                                 f'config.json says what they are.')
         return load_stripped(name[len(LOCAL_DIR):]), {}
     if checkpoint is None:
-        raise ValueError(f'{name} needs a checkpoint with its weights (or name a folder written by strip as '
-                         f'{LOCAL_DIR}DIR).')
-    ckpt = read_checkpoint(checkpoint, ['num_classes'] if num_classes is not None else [])
+        raise ValueError(f'{name} needs {names["checkpoint"]} CKPT, the file of its weights (or name a folder written '
+                         f'by strip as {LOCAL_DIR}DIR).')
+    ckpt = read_checkpoint(checkpoint, overridden_kwargs({}, num_classes=num_classes, img_size=img_size))
     if is_sila_name(name) or is_sila_state_dict(ckpt.state_dict):
         return load_silanet(ckpt, model=name, num_classes=num_classes, ema=ema, img_size=img_size), ckpt.data_config
     kwargs, origins = dict(ckpt.model_kwargs), dict(ckpt.origins)
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
-        origins['num_classes'] = (given_as or {}).get('num_classes', 'num_classes (given)')
-    if img_size is not None:
-        kwargs.pop('img_size', None)  # the explicit size wins over the file's model_kwargs
-    elif 'img_size' not in kwargs:
+        origins['num_classes'] = names['num_classes'] if given_as else 'num_classes (given)'
+    if img_size is None and 'img_size' not in kwargs:
         img_size = ckpt.img_size
     model = build_checked(name.split('.', 1)[0], kwargs, ckpt.weights(ema), checkpoint, img_size=img_size,
                           origins=origins, hint='Pass the right model name and num_classes.')
