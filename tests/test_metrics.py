@@ -13,7 +13,7 @@ import torch
 
 from conftest import build_sila
 from timm_sila import load_stripped, strip
-from timm_sila.measure.bench import _accuracy_of, bench_branches
+from timm_sila.measure.bench import bench_branches
 from timm_sila.io.trust import FILE_LIMITS
 from timm_sila.measure.metrics import MetricsError, check_params, read_eval_metrics
 
@@ -86,7 +86,8 @@ def test_a_true_eval_result_passes_unchanged():
     assert checked['num_samples'] == 12 and checked['split'] == 'test'
     assert checked['branches'][1] == dict(top1=41.67, top2=91.67, loss=0.7, params=108018)
     assert checked['ensemble'] == dict(top1=50.0, top2=100.0, loss=0.69)
-    assert _accuracy_of(GOOD) == {0: dict(top1=50.0, params=372594), 1: dict(top1=41.67, params=108018)}
+    assert {b: (row['top1'], row['params']) for b, row in checked['branches'].items()} == {0: (50.0, 372594),
+                                                                                         1: (41.67, 108018)}
     check_params(checked, 1, 108018)
     with pytest.raises(MetricsError, match='108,018 params, the model has 5'):
         check_params(checked, 1, 5)

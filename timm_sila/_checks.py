@@ -19,7 +19,13 @@ def is_int(v: Any) -> bool:
 
 
 def is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite real number, never a bool (an integer too large for a float is not finite here)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def integer(lo: int) -> Check:
@@ -69,3 +75,10 @@ def first_line(err: BaseException) -> str:
     what torch, timm or the OS said without their tracebacks or hints."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+def require_int(value: Any, name: str, minimum: int, why: str = '') -> int:
+    """`value` if it is an integer >= `minimum` (never a bool), else ValueError naming `name` (and `why`)."""
+    if not is_int(value) or value < minimum:
+        raise ValueError(f'{name} must be an integer >= {minimum}{f" ({why})" if why else ""}, got {value!r}.')
+    return int(value)

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from timm_sila._checks import require_int
 from timm_sila.model import SilaNet
 from timm_sila.ship.strip import branch_model
 from .calibration import calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
@@ -99,8 +100,7 @@ def measure_speedup(model: Callable, base: Optional[Callable], batches: Sequence
     batches = [x for x in batches if len(x)]
     if not batches:
         raise ValueError('measure_speedup needs at least one non-empty batch to time.')
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f'repeats must be an integer >= 1, got {repeats!r}.')
+    require_int(repeats, 'repeats', 1)
     model(batches[0])
     base(batches[0])
     ratios = []
@@ -306,8 +306,7 @@ def exit_curve(model: SilaNet, calib_loader: Iterable, eval_loader: Iterable, po
     point is measured no faster than the base model a `SlowerThanBaseWarning` carries the verdict's message (also
     listed in 'warnings'): an EarlyExit saved at that point would be slower than the model it replaces.
     progress: called with one line per phase and batch report (e.g. a function writing it to stderr)."""
-    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
-        raise ValueError(f'points must be an integer >= 1, got {points!r}.')
+    require_int(points, 'points', 1)
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) \
             or max_drop < 0:
         raise ValueError(f'max_drop must be a finite number of accuracy points >= 0, got {max_drop!r}.')

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 import timm
 
+from timm_sila._checks import require_int
 from timm_sila.config import sila_kwargs, sila_name
 from timm_sila.data.config import resolve_data_config
 from timm_sila.data.memory import check_batch_fits
@@ -31,12 +32,6 @@ from .sizes import count_params, size_row
 __all__ = ['bench_branches', 'RUNTIMES']
 
 RUNTIMES = ('torch', 'onnxruntime')
-
-
-def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
-    return value
 
 
 def _base_of(net: SilaNet) -> nn.Module:
@@ -79,13 +74,6 @@ def _all_branches(net: SilaNet, weights: str) -> List[Dict[str, Any]]:
     for k in range(1, net.sets):
         rows.append(dict(branch=k, exit=net.taps[k - 1], model=branch_model(net, k), weights=weights))
     return rows
-
-
-def _accuracy_of(metrics: Union[str, Path, Dict[str, Any]]) -> Dict[int, Dict[str, float]]:
-    """{branch: {'top1': .., 'top5': .., 'params': ..}} of a `timm-sila eval --json` result (file or dict), read and
-    range-checked by `read_eval_metrics` (MetricsError, a ValueError, naming the value)."""
-    rows = read_eval_metrics(metrics)['branches']
-    return {b: {k: v for k, v in row.items() if k in ('top1', 'top5', 'params')} for b, row in rows.items()}
 
 
 def _torch_runner(model: nn.Module, device: torch.device) -> Callable[[torch.Tensor], Any]:
@@ -138,10 +126,10 @@ def bench_branches(
     """
     if runtime not in RUNTIMES:
         raise ValueError(f'runtime must be one of {RUNTIMES}, got {runtime!r}.')
-    batch_size = _positive_int(batch_size, 'batch_size')
-    warmup = _positive_int(warmup, 'warmup', 0)
-    repeats = _positive_int(repeats, 'repeats')
-    threads = torch.get_num_threads() if threads is None else _positive_int(threads, 'threads')
+    batch_size = require_int(batch_size, 'batch_size', 1)
+    warmup = require_int(warmup, 'warmup', 0)
+    repeats = require_int(repeats, 'repeats', 1)
+    threads = torch.get_num_threads() if threads is None else require_int(threads, 'threads', 1)
     device = torch.device(device)
     if runtime == 'onnxruntime':
         require_onnx()

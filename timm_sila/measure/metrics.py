@@ -14,8 +14,6 @@ A file is read with `timm_sila.io.trust.read_file_json` (a regular file, opened 
 size and nesting bounds of `FILE_LIMITS`). Every failure is a `MetricsError` (a ValueError) naming the file and the
 value.
 """
-import math
-import numbers
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -32,14 +30,8 @@ class MetricsError(ValueError):
 
 
 def _number(value: Any) -> Optional[float]:
-    """float(value) for a finite int or float (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    try:
-        value = float(value)
-    except OverflowError:  # an integer beyond the float range
-        return None
-    return value if math.isfinite(value) else None
+    """float(value) for a finite real number (`_checks.is_real`: never a bool, nor an integer beyond float range)."""
+    return float(value) if checks.is_real(value) else None
 
 
 def _row(row: Any, source: str, where: str, with_params: bool) -> Dict[str, Any]:

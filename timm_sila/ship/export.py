@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 from timm.models import get_model_input_config
 
-from timm_sila._checks import first_line
+from timm_sila._checks import first_line, require_int
 from timm_sila.data.config import resolve_data_config
 from timm_sila.data.memory import check_batch_fits
 from timm_sila.io.atomic import atomic_write_file, check_output_file
@@ -326,14 +326,11 @@ def export(
     """
     if format not in FORMATS:
         raise ValueError(f'format must be one of {FORMATS}, got {format!r}.')
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-        raise ValueError(f'batch_size must be an integer >= 2 (torch.export fixes a batch dimension of size 1), '
-                         f'got {batch_size!r}.')
+    require_int(batch_size, 'batch_size', 2, 'torch.export fixes a batch dimension of size 1')
     if atol is not None and not (isinstance(atol, (int, float)) and atol >= 0 and atol == atol):
         raise ValueError(f'atol must be a number >= 0, got {atol!r}.')
     if format == 'onnx':
-        if isinstance(opset, bool) or not isinstance(opset, int) or opset < 18:
-            raise ValueError(f'opset must be an integer >= 18 (the lowest the dynamo exporter writes), got {opset!r}.')
+        require_int(opset, 'opset', 18, 'the lowest the dynamo exporter writes')
         require_onnx()
     if exporter not in EXPORTERS:
         raise ValueError(f'exporter must be one of {EXPORTERS}, got {exporter!r}.')
