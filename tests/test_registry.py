@@ -3,9 +3,10 @@ import pytest
 import torch
 
 import timm
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from timm_sila import SilaNet
+from timm_sila.io.checkpoint import CheckpointError
 
 
 def test_every_architecture_is_registered():
@@ -101,3 +102,32 @@ def test_branch_setter_validates():
         model.branch = 5
 
 
+
+
+@pytest.mark.parametrize('weights_name', ['pytorch_model.bin', 'model.pth', 'branch.safetensors'])
+def test_local_dir_reads_any_weights_file_timm_finds_through_the_checked_reader(stripped_copy, tmp_path, weights_name):
+    """A sila_* `local-dir:` folder whose weights are not model.safetensors is read from the file timm's own
+    local-dir loader would pick, by the checked reader: the same outputs, and integer tensors refused, not cast."""
+    folder = stripped_copy(1, tmp_path / 'folder')
+    reference = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    tensors = load_file(str(folder / 'model.safetensors'))
+    (folder / 'model.safetensors').unlink()
+    target = folder / weights_name
+    write = (lambda t: save_file(t, str(target))) if weights_name.endswith('.safetensors') else \
+        (lambda t: torch.save(t, target))
+    write(tensors)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(timm.create_model(f'local-dir:{folder}', pretrained=True).eval()(x), reference(x))
+    key = 'base.conv1.0.weight'
+    write(dict(tensors, **{key: tensors[key].to(torch.int64)}))
+    with pytest.raises(CheckpointError, match=rf'dtype kind.*{key}'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+
+
+def test_local_dir_without_weights_is_one_clear_error(stripped_copy, tmp_path):
+    folder = stripped_copy(1, tmp_path / 'folder')
+    (folder / 'model.safetensors').unlink()
+    with pytest.raises(FileNotFoundError, match='holds no weights file for sila_') as info:
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert '\n' not in str(info.value) and str(folder) in str(info.value)

@@ -45,6 +45,27 @@ def _file_config(pretrained_cfg, file_args: dict, given: dict) -> dict:
     return kept
 
 
+# the weight files timm's local-dir loader looks for, in its order, then the first file of each extension
+_LOCAL_DIR_FILES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth',
+                    'open_clip_model.safetensors', 'open_clip_pytorch_model.safetensors',
+                    'open_clip_pytorch_model.bin', 'open_clip_pytorch_model.pth')
+_LOCAL_DIR_EXTS = ('.safetensors', '.pth', '.pth.tar', '.bin')
+
+
+def _local_dir_weights(folder: Path, name: str) -> Path:
+    """The weights file timm would pick in a `local-dir:` folder (so the checked reader, not timm's, reads it);
+    FileNotFoundError naming the folder when it holds none."""
+    for fname in _LOCAL_DIR_FILES:
+        if (folder / fname).is_file():
+            return folder / fname
+    for ext in _LOCAL_DIR_EXTS:
+        found = sorted(p for p in folder.glob(f'*{ext}') if p.is_file())
+        if found:
+            return found[0]
+    raise FileNotFoundError(f'{folder} holds no weights file for {name} (looked for {", ".join(_LOCAL_DIR_FILES[:2])} '
+                            f'and any *.safetensors/*.pth/*.bin); `timm-sila strip` writes model.safetensors there.')
+
+
 def _create_sila(arch: str, pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None,
                  cache_dir=None, **kwargs) -> SilaNet:
     sila = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith(SILA_PREFIX)}
@@ -64,11 +85,11 @@ def _create_sila(arch: str, pretrained: bool = False, pretrained_cfg=None, pretr
         model.pretrained_cfg = dict(sila_pretrained_cfg(base.pretrained_cfg, arch), **file_cfg,
                                     architecture=f'{SILA_PREFIX}{arch}')
         model.default_cfg = model.pretrained_cfg
-        weights = Path(file_cfg.get('file') or '') / 'model.safetensors'
-        if file_cfg.get('source') == 'local-dir' and weights.is_file():  # a folder strip wrote: the checked reader
+        if file_cfg.get('source') == 'local-dir':  # a folder on disk: always the checked reader
+            weights = _local_dir_weights(Path(file_cfg.get('file') or ''), f'{SILA_PREFIX}{arch}')
             load_state_dict_checked(model, read_checkpoint(weights).state_dict, weights, what=f'{SILA_PREFIX}{arch}',
                                     hint='Is config.json the one written with these weights?')
-        else:  # the hub, or other file names: timm fetches or finds the file, and loads it strictly
+        else:  # the hub: timm fetches the file and loads it strictly
             load_pretrained(model, pretrained_cfg=model.pretrained_cfg, num_classes=model.num_classes,
                             in_chans=kwargs.get('in_chans', 3), strict=True, cache_dir=cache_dir)
     return model
