@@ -2,6 +2,7 @@
 counted), the library never imports the CLI and never prints, imports sit at module top unless they defer an
 optional dependency, modules import only from their own layer or below, and `timm_sila.__all__` is the public API."""
 import ast
+import importlib
 from pathlib import Path
 from typing import Dict, Set
 
@@ -122,3 +123,18 @@ def test_public_api_is_all():
     assert exported <= set(timm_sila.__all__), f'public but not in __all__: {sorted(exported - set(timm_sila.__all__))}'
     for name in ('SilaNet', 'SilaLoss', 'strip', 'load_stripped', 'EarlyExit', 'export', 'evaluate', 'SilaConfig'):
         assert name in timm_sila.__all__
+
+
+def test_every_public_error_and_warning_is_exported():
+    """A caller can catch any error or warning the library raises from `timm_sila` itself (private `_` classes and
+    classes of private modules aside)."""
+    missing = []
+    for name in _modules():
+        if any(part.startswith('_') for part in name.split('.')):
+            continue
+        module = importlib.import_module(name)
+        for attr, obj in vars(module).items():
+            if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == name \
+                    and not attr.startswith('_') and attr not in timm_sila.__all__:
+                missing.append(f'{name}.{attr}')
+    assert not missing, f'public errors not in timm_sila.__all__: {missing}'
