@@ -92,8 +92,8 @@ def appearing(path: Path):
     """A file of the user's appears at `path` right after the writer wrote its temp files (before the commit)."""
     real = atomic._finish
 
-    def finish(tmp):
-        names = real(tmp)
+    def finish(tmp, target):
+        names = real(tmp, target)
         path.write_bytes(MINE)
         return names
     atomic._finish = finish
@@ -361,6 +361,18 @@ def test_no_card_removes_the_card_timm_sila_wrote(tmp_path, net):
     assert type(load_stripped(out)).__name__ == 'ResNet'
     strip(net, 1, out, overwrite=True)  # the card comes back with the next strip that writes one
     assert sorted(os.listdir(out)) == EXPORT and 'branch 1' in (out / 'README.md').read_text()
+
+
+def test_overwriting_a_folder_keeps_each_file_mode(tmp_path, net):
+    """--force replaces files with the permissions the user gave them; files written for the first time get the
+    umask's mode."""
+    out = strip(net, 1, tmp_path / 'out')
+    (out / 'model.safetensors').chmod(0o600)
+    (out / 'config.json').chmod(0o644)
+    strip(net, 1, out, overwrite=True)
+    assert (out / 'model.safetensors').stat().st_mode & 0o777 == 0o600
+    assert (out / 'config.json').stat().st_mode & 0o777 == 0o644
+    assert (out / 'README.md').stat().st_mode & 0o777 == 0o666 & ~atomic._umask()
 
 
 def test_manifest_lists_what_was_written(tmp_path, net):
@@ -803,8 +815,14 @@ def test_atomic_write_file(tmp_path, caplog):
         atomic_write_file(tmp_path / 'nothing.png', lambda p: None)
     umask = os.umask(0o022)
     os.umask(umask)
+    assert atomic._umask() == umask  # read without changing it
+    fresh = tmp_path / 'fresh.png'
+    atomic_write_file(fresh, lambda p: p.write_bytes(b'new'))
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~umask  # a new file: the umask's mode, not mkstemp's 0600
+    fresh.unlink()
+    path.chmod(0o640)
     atomic_write_file(path, lambda p: p.write_bytes(b'new'), overwrite=True)
-    assert path.read_bytes() == b'new' and path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    assert path.read_bytes() == b'new' and path.stat().st_mode & 0o777 == 0o640  # a replaced file keeps its mode
     with pytest.raises(SourceInOutputError, match='is the input'):
         atomic_write_file(path, lambda p: p.write_bytes(b'x'), overwrite=True, sources=[path])
     assert path.read_bytes() == b'new' and sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, user.name])

@@ -177,11 +177,34 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _file_mode() -> int:
-    """The mode open() gives a new file under the current umask (safetensors creates its files 0600)."""
+def _umask() -> int:
+    """The process umask, read without changing it where the OS reports it (Linux: /proc/self/status), so no other
+    thread creates a file under a wrong umask meanwhile; elsewhere set and restored at once."""
+    try:
+        with open('/proc/self/status', encoding='ascii') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _file_mode() -> int:
+    """The mode open() gives a new file under the current umask (safetensors creates its files 0600)."""
+    return 0o666 & ~_umask()
+
+
+def _kept_mode(previous: Path, default: int) -> int:
+    """The permission bits of the regular file a write replaces (so overwriting never widens or narrows who may
+    read it), else `default`."""
+    try:
+        st = os.lstat(previous)
+    except OSError:
+        return default
+    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else default
 
 
 def _is_inside(path: str, folder: str) -> bool:
@@ -528,12 +551,13 @@ def _written_files(tmp: Path) -> List[str]:
     return names
 
 
-def _finish(tmp: Path) -> List[str]:
-    """Flush what the writer put in `tmp` and give it the default file mode; returns the names."""
+def _finish(tmp: Path, target: Path) -> List[str]:
+    """Flush what the writer put in `tmp` and give each file the mode of the file it replaces in `target`, or the
+    default mode of a new file; returns the names."""
     names = _written_files(tmp)
     mode = _file_mode()
     for name in names:
-        os.chmod(tmp / name, mode)
+        os.chmod(tmp / name, _kept_mode(target / name, mode))
         _fsync(tmp / name)
     return names
 
@@ -807,7 +831,7 @@ def atomic_output_dir(out_dir: PathLike, overwrite: bool = False, sources: Itera
             written: Optional[List[str]] = None
             try:
                 yield tmp
-                files = _finish(tmp)
+                files = _finish(tmp, out_dir)
                 if names is not None and set(files) - set(names):
                     raise OutputWriteError(f'The writer wrote {sorted(set(files) - set(names))} into {out_dir}, '
                                            f'beyond the files it may write there ({names}).', out_dir)
@@ -860,7 +884,7 @@ def atomic_write_file(path: PathLike, write_fn: Callable[[Path], None], overwrit
             if not (tmp / path.name).is_file():
                 raise OutputWriteError(f'Cannot write {path}: the writer produced no file; nothing was changed.',
                                        path)
-            _finish(tmp)
+            _finish(tmp, parent)
             done = True
         finally:
             with _signals_held():
