@@ -6,7 +6,7 @@ which `describe(check)` returns for error messages. Booleans are never numbers; 
 import math
 import numbers
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 Check = Callable[[Any], bool]
 
@@ -68,6 +68,14 @@ def short(value: Any, limit: int = 80) -> str:
     """repr(value), cut to `limit` characters: a value from a file can be arbitrarily long."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + '...'
+
+
+def listing(names: Sequence[str], most: int) -> str:
+    """The first `most` names, comma-separated, then "(+N more)": a message names what is wrong without growing
+    with the file."""
+    names = list(names)
+    more = f' (+{len(names) - most} more)' if len(names) > most else ''
+    return ', '.join(names[:most]) + more
 
 
 def first_line(err: BaseException) -> str:

@@ -33,7 +33,7 @@ from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-from timm_sila._checks import first_line
+from timm_sila._checks import first_line, listing
 from .memory import check_batch_fits
 
 __all__ = ['ImageFolderDataset', 'ImageFolderError', 'ImageReadError', 'IMG_EXTENSIONS', 'image_mode',
@@ -68,11 +68,6 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return 'not a regular file'
-
-
-def _listing(paths: Sequence[str]) -> str:
-    more = f' (+{len(paths) - _SHOWN} more)' if len(paths) > _SHOWN else ''
-    return ', '.join(paths[:_SHOWN]) + more
 
 
 def _file_id(st: os.stat_result) -> Optional[Tuple[int, int]]:
@@ -213,7 +208,7 @@ class ImageFolderDataset(Dataset):
         if self.skipped:
             entries = 'entry' if len(self.skipped) == 1 else 'entries'
             warnings.warn(f'{self.root}: skipped {len(self.skipped)} {entries} named like images that are not '
-                          f'regular files: {_listing(self.skipped)}.', UserWarning, stacklevel=2)
+                          f'regular files: {listing(self.skipped, _SHOWN)}.', UserWarning, stacklevel=2)
         if not self.samples:
             raise ImageFolderError(f'{self.root} is empty: its {len(classes)} class folders hold no image '
                                    f'({", ".join(IMG_EXTENSIONS)}).')

@@ -61,6 +61,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+from timm_sila._checks import listing
+
 __all__ = [
     'OutputError', 'OutputExistsError', 'ForeignFilesError', 'OutputBusyError', 'SourceInOutputError',
     'OutputWriteError', 'OutputPathError', 'output_path_error', 'check_output_dir', 'check_output_file', 'atomic_output_dir', 'atomic_write_file',
@@ -73,6 +75,7 @@ MANIFEST_NAME = '.timm-sila-manifest.json'  # inside each output folder: {file n
 _PREVIOUS = 'previous'  # inside a temp folder: the files being replaced, while the commit runs
 _LINK_PROBE = '.link-probe'
 _WRITER = 'timm-sila'
+_SHOWN = 6  # file names one message lists before "(+N more)"
 _MAX_JSON = 1 << 20  # a marker or manifest larger than this is not one timm-sila wrote
 _SHA256 = re.compile(r'^[0-9a-f]{64}$')
 _TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r'[a-z0-9_]{8}$')  # the names tempfile.mkdtemp gives
@@ -591,20 +594,15 @@ def _foreign(folder: Path, names: Sequence[str], manifest: Dict[str, str]) -> Li
     return found
 
 
-def _listing(names: Sequence[str], most: int = 6) -> str:
-    shown = ', '.join(names[:most])
-    return shown if len(names) <= most else f'{shown} and {len(names) - most} more'
-
-
 def _foreign_error(folder: Path, found: Sequence[Tuple[str, str]], has_manifest: bool) -> ForeignFilesError:
-    listing = _listing([f'{name} ({note})' if note else name for name, note in found])
+    names = listing([f'{name} ({note})' if note else name for name, note in found], _SHOWN)
     them = 'it' if len(found) == 1 else 'them'
     changed = any(note.startswith('changed') for _, note in found)
     where = (f'as listed in its {MANIFEST_NAME}' if has_manifest else
              f'as listed in the {MANIFEST_NAME} it writes beside them; this folder has no valid one')
     return ForeignFilesError(folder, [name for name, _ in found], (
         f'Output folder {folder} holds {"a file" if len(found) == 1 else "files"} timm-sila did not write'
-        f'{" or that changed since" if changed else ""}: {listing}. {{option}} replaces only files timm-sila wrote '
+        f'{" or that changed since" if changed else ""}: {names}. {{option}} replaces only files timm-sila wrote '
         f'({where}): move {them} elsewhere, or choose another output folder (nothing was changed).'))
 
 
@@ -668,7 +666,7 @@ def _check_contents(out_dir: Path, overwrite: bool, what: str, names: Optional[S
         others = [n for n in present if n not in read_manifest(out_dir)]
         if others:  # overwrite would be refused too: say what is there
             raise OutputExistsError(out_dir, f'Output folder {out_dir} exists and is not empty: it holds '
-                                             f'{_listing(others)}, not written by timm-sila. Choose another output '
+                                             f'{listing(others, _SHOWN)}, not written by timm-sila. Choose another output '
                                              f'folder, or move {"it" if len(others) == 1 else "them"} elsewhere '
                                              f'({{option}} replaces only files timm-sila wrote).')
         raise OutputExistsError(out_dir, f'Output folder {out_dir} exists and is not empty; pass {{option}} to '

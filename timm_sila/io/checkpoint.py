@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
 from timm.models import clean_state_dict
 
-from timm_sila._checks import first_line
+from timm_sila._checks import first_line, listing, short
 from timm_sila.config import base_arch, is_sila_name, sila_kwargs, sila_name
 from timm_sila.io.trust import (
     FILE_LIMITS, CheckpointError, UnsafeFileError, bound_violation, check_file_model_name, sanitize_file_data_config,
@@ -305,9 +305,7 @@ def _infer_num_classes(state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
 
 
 def _describe(keys: Sequence[str], n: int = 4) -> str:
-    keys = sorted(keys)
-    more = f', ... (+{len(keys) - n})' if len(keys) > n else ''
-    return ', '.join(keys[:n]) + more
+    return listing(sorted(keys), n)
 
 
 def _dtype_kind(t: torch.Tensor) -> str:
@@ -393,7 +391,7 @@ def _explain_mismatch(skeleton: nn.Module, state_dict: Dict[str, Any], kwargs: D
     expected = skeleton.state_dict()
 
     def said(key: str) -> str:
-        return f'{origins.get(key, key)} = {_short(kwargs[key])}'
+        return f'{origins.get(key, key)} = {short(kwargs[key])}'
 
     def shapes(key: str) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
         held = state_dict.get(key)
@@ -427,11 +425,6 @@ def _explain_mismatch(skeleton: nn.Module, state_dict: Dict[str, Any], kwargs: D
     return None
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + '...'
-
-
 def build_checked(name: str, kwargs: Dict[str, Any], state_dict: Dict[str, Any], source: Any, *,
                   img_size: Optional[int] = None, origins: Optional[Dict[str, str]] = None, what: str = '',
                   hint: str = '') -> nn.Module:
@@ -460,7 +453,7 @@ def build_checked(name: str, kwargs: Dict[str, Any], state_dict: Dict[str, Any],
             problem = bound_violation(key, value)
             if problem is not None:
                 raise CheckpointError(f'Cannot check the weights of {source} before building {name}: it cannot be '
-                                      f'built on the meta device, and {origins.get(key, key)}={_short(value)}: '
+                                      f'built on the meta device, and {origins.get(key, key)}={short(value)}: '
                                       f'{problem}.')
     else:
         problems = _state_dict_problems(skeleton.state_dict(), state_dict)
@@ -474,7 +467,7 @@ def build_checked(name: str, kwargs: Dict[str, Any], state_dict: Dict[str, Any],
     try:
         model = create_with_img_size(name, img_size, **kwargs)
     except Exception as e:  # noqa: BLE001 -- whatever timm raises on values read from a file is one line
-        given = ', '.join(f'{origins.get(k, k)}={_short(v)}' for k, v in shown.items())
+        given = ', '.join(f'{origins.get(k, k)}={short(v)}' for k, v in shown.items())
         raise CheckpointError(f'Cannot build {name} with the arguments of {source} ({given}): '
                               f'{type(e).__name__}: {first_line(e)}') from e
     return load_state_dict_checked(model, state_dict, source, what=what or f'{name}({shown})', hint=hint)
