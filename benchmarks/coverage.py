@@ -668,7 +668,8 @@ def write_report(records: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]
         'a prefix used by several timm modules is split and shown as `prefix (module)`. The smallest variant is '
         'the one with the fewest parameters (counted on the `meta` device).',
         '',
-        'Re-run after core changes: `python benchmarks/coverage.py --jobs 2` (one subprocess per architecture, '
+        'Re-run after core changes: `python benchmarks/coverage.py --jobs 2 --export` (one subprocess per '
+        'architecture, '
         '`--timeout` seconds each; resumable: results are appended to `runs/coverage/results.jsonl` and '
         'architectures already there are skipped, `--force` re-runs them; `--families`/`--archs`/`--limit` run a '
         'part, `--report-only` rewrites this file).',
@@ -850,7 +851,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         records = load_results(args.results)
     if write_doc:
-        summary = write_report(records, select_archs(families, counts), args.doc, 'python benchmarks/coverage.py',
+        summary = write_report(records, select_archs(families, counts), args.doc,
+                               'python benchmarks/coverage.py --jobs 2 --export',
                                sources=[args.results])
         print(f"{summary['passed']} / {summary['families']} families pass ({summary['refused']} refused), "
               f"{summary['tried']} architectures; report: {args.doc}")
