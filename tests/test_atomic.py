@@ -562,6 +562,7 @@ timm_sila.strip(timm.create_model('sila_test_resnet', num_classes=2), 0, sys.arg
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == 'win32', reason='SIGKILL')
 @pytest.mark.parametrize('calls,result', [(2, 'old'), (5, 'old'), (7, 'old'), (9, 'new')],
                          ids=['config aside', 'all aside', 'two new in', 'config in'])
@@ -910,6 +911,7 @@ timm_sila.strip(timm.create_model('sila_resnet18', num_classes=10), 0, sys.argv[
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == 'win32', reason='SIGKILL')
 def test_killed_writer_leaves_no_model_files(trained, tmp_path):
     net, x = trained

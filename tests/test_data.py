@@ -330,6 +330,7 @@ def test_cli_eval_checks_the_class_names_a_stripped_folder_records(tmp_path, cap
         assert rc == 2 and len(lines) == 1 and error in lines[0] and captured.out == '', captured.err
 
 
+@pytest.mark.slow
 def test_cli_fifo_named_like_an_image_is_skipped_not_waited_on(ckpt, tmp_path):
     root = image_folder(tmp_path / 'data' / 'test', splits=None)
     os.mkfifo(root / 'c0' / 'x.png')

@@ -41,6 +41,7 @@ def sila_r18(tmp_path_factory):
     return net, ckpt, x
 
 
+@pytest.mark.slow
 def test_onnx_branch0_from_strip_folder(sila_r18, tmp_path):
     net, _, x = sila_r18
     folder = strip(net, branch=0, out_dir=tmp_path / 'b0', img_size=32)
@@ -188,7 +189,6 @@ def test_bad_requests_fail_before_exporting(sila_r18, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['taken.pt2']
 
 
-@pytest.mark.slow
 def test_cli_handler_json_is_the_only_stdout(tmp_path, capsys):
     import argparse
     import json
@@ -253,7 +253,7 @@ def test_torch_failure_is_one_line_naming_the_root_cause(tmp_path):
 
 
 # --- dynamic input size -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize('exporter', ['dynamo', 'torchscript'])
+@pytest.mark.parametrize('exporter', [pytest.param('dynamo', marks=pytest.mark.slow), 'torchscript'])
 def test_dynamic_size_cnn_branch_runs_at_other_sizes(tmp_path, exporter):
     net = randomize_bn(build_sila('test_resnet')[0], seed=2).eval()
     out = tmp_path / 'b1.onnx'
@@ -327,6 +327,7 @@ def relpos_folder(tmp_path_factory):
     return strip(net, 1, tmp_path_factory.mktemp('relpos') / 'b1'), net
 
 
+@pytest.mark.slow
 def test_dynamo_failure_falls_back_to_torchscript(relpos_folder, tmp_path, capfd):
     import json
     folder, net = relpos_folder
@@ -341,6 +342,7 @@ def test_dynamo_failure_falls_back_to_torchscript(relpos_folder, tmp_path, capfd
     assert rel_diff(ort_run(out, x), branch_logits(net, x, 1)) < MEASURED_BOUND
 
 
+@pytest.mark.slow
 def test_exporter_dynamo_names_the_root_cause_in_one_line(relpos_folder, tmp_path, capfd):
     folder, _ = relpos_folder
     out = tmp_path / 'relpos.onnx'

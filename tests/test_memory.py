@@ -115,6 +115,7 @@ CLI_BOUNDS = [  # (id, argv with {w} = the work folder, fragments of the one err
 ]
 
 
+@pytest.mark.slow
 def test_cli_batch_and_image_size_bounds_are_one_line_exit_2_fast_and_small(work, tmp_path):
     cases = [dict(id=case[0], kind='cli', argv=[a.replace('{w}', str(work)) for a in case[1]]) for case in CLI_BOUNDS]
     before = sorted(str(p) for p in work.rglob('*'))

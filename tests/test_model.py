@@ -7,7 +7,8 @@ from timm_sila import SilaLogits, SilaNet
 
 from conftest import REPRESENTATIVE, build_sila, vanilla_like
 
-ARCHS = list(REPRESENTATIVE)
+# vgg19_bn's build (about 20 M parameters at 10 classes) makes each of its cases slow as pyproject.toml defines it
+ARCHS = [pytest.param(a, marks=pytest.mark.slow) if a == 'vgg19_bn' else a for a in REPRESENTATIVE]
 
 
 @pytest.mark.parametrize('arch', ARCHS)

@@ -103,6 +103,7 @@ def test_end_to_end_one_epoch(tmp_path):
     assert len(branch1.base.layer4) == 0 and len(branch1.heads) == 1  # nothing after tap 1 (layer3)
 
 
+@pytest.mark.slow
 def test_demo_writes_under_ignored_output_and_refuses_a_foreign_folder(tmp_path):
     """`make demo` writes to output/demo (ignored by git, replaced by the next run), not a new temp folder per run;
     a non-empty --out that no demo wrote is refused before anything is written."""

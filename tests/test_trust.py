@@ -399,6 +399,7 @@ def hostile_runs(tmp_path_factory):
     return run_in_fresh_process(cases, work, tmp_path_factory.mktemp('runner'), env=cache), work
 
 
+@pytest.mark.slow  # the module set-up (`hostile_runs`) runs every case in one fresh process
 @pytest.mark.parametrize('case', [c[0] for c in CASES])
 def test_hostile_file_is_one_line_bounded_and_harmless(hostile_runs, case):
     results, work = hostile_runs
