@@ -1,4 +1,6 @@
 """sila_* names in timm's registry, pretrained tags, and SilaNet's construction errors."""
+import os
+
 import pytest
 import torch
 
@@ -123,6 +125,30 @@ def test_local_dir_reads_any_weights_file_timm_finds_through_the_checked_reader(
     write(dict(tensors, **{key: tensors[key].to(torch.int64)}))
     with pytest.raises(CheckpointError, match=rf'dtype kind.*{key}'):
         timm.create_model(f'local-dir:{folder}', pretrained=True)
+
+
+def test_local_dir_reads_ema_weights_first_as_timm_does(stripped_copy, tmp_path):
+    """A training checkpoint in a local-dir folder gives its EMA weights, as timm's local-dir loader reads it."""
+    folder = stripped_copy(1, tmp_path / 'folder')
+    tensors = load_file(str(folder / 'model.safetensors'))
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}
+    (folder / 'model.safetensors').unlink()
+    torch.save({'state_dict': tensors, 'state_dict_ema': ema}, folder / 'pytorch_model.bin')
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    key = 'base.conv1.0.weight'
+    assert torch.equal(model.state_dict()[key], ema[key])
+
+
+def test_local_dir_weights_entry_that_is_not_a_file_is_refused_not_passed_over(stripped_copy, tmp_path):
+    """A FIFO where timm looks first is refused in one line; a stale file further down timm's list is not read in
+    its place."""
+    folder = stripped_copy(1, tmp_path / 'folder')
+    (folder / 'model.safetensors').rename(folder / 'old.safetensors')
+    torch.save({}, folder / 'pytorch_model.bin')
+    os.mkfifo(folder / 'model.safetensors')
+    with pytest.raises(CheckpointError, match='not a regular file') as info:
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert '\n' not in str(info.value) and 'model.safetensors' in str(info.value)
 
 
 def test_local_dir_without_weights_is_one_clear_error(stripped_copy, tmp_path):

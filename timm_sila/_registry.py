@@ -1,4 +1,5 @@
 """`sila_<arch>` names in timm's registry, with the base architecture's pretrained tags."""
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -53,17 +54,19 @@ _LOCAL_DIR_EXTS = ('.safetensors', '.pth', '.pth.tar', '.bin')
 
 
 def _local_dir_weights(folder: Path, name: str) -> Path:
-    """The weights file timm would pick in a `local-dir:` folder (so the checked reader, not timm's, reads it);
-    FileNotFoundError naming the folder when it holds none."""
+    """The weights file timm would pick in a `local-dir:` folder, chosen exactly as timm chooses it (an entry that
+    exists, whatever it is: the checked reader then refuses a FIFO or a folder in one line instead of another file
+    being read in its place); FileNotFoundError naming the folder when it holds none."""
     for fname in _LOCAL_DIR_FILES:
-        if (folder / fname).is_file():
+        if os.path.lexists(folder / fname):
             return folder / fname
     for ext in _LOCAL_DIR_EXTS:
-        found = sorted(p for p in folder.glob(f'*{ext}') if p.is_file())
+        found = sorted(folder.glob(f'*{ext}'))
         if found:
             return found[0]
     raise FileNotFoundError(f'{folder} holds no weights file for {name} (looked for {", ".join(_LOCAL_DIR_FILES[:2])} '
-                            f'and any *.safetensors/*.pth/*.bin); `timm-sila strip` writes model.safetensors there.')
+                            f'and any *{", *".join(_LOCAL_DIR_EXTS)}); `timm-sila strip` writes model.safetensors '
+                            f'there.')
 
 
 def _create_sila(arch: str, pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None,
@@ -87,7 +90,9 @@ def _create_sila(arch: str, pretrained: bool = False, pretrained_cfg=None, pretr
         model.default_cfg = model.pretrained_cfg
         if file_cfg.get('source') == 'local-dir':  # a folder on disk: always the checked reader
             weights = _local_dir_weights(Path(file_cfg.get('file') or ''), f'{SILA_PREFIX}{arch}')
-            load_state_dict_checked(model, read_checkpoint(weights).state_dict, weights, what=f'{SILA_PREFIX}{arch}',
+            ckpt = read_checkpoint(weights)  # EMA weights first where the file has them, as timm's loader reads it
+            state_dict = ckpt.state_dict_ema if ckpt.state_dict_ema is not None else ckpt.state_dict
+            load_state_dict_checked(model, state_dict, weights, what=f'{SILA_PREFIX}{arch}',
                                     hint='Is config.json the one written with these weights?')
         else:  # the hub: timm fetches the file and loads it strictly
             load_pretrained(model, pretrained_cfg=model.pretrained_cfg, num_classes=model.num_classes,
