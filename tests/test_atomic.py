@@ -363,16 +363,19 @@ def test_no_card_removes_the_card_timm_sila_wrote(tmp_path, net):
     assert sorted(os.listdir(out)) == EXPORT and 'branch 1' in (out / 'README.md').read_text()
 
 
-def test_overwriting_a_folder_keeps_each_file_mode(tmp_path, net):
-    """--force replaces files with the permissions the user gave them; files written for the first time get the
-    umask's mode."""
-    out = strip(net, 1, tmp_path / 'out')
-    (out / 'model.safetensors').chmod(0o600)
-    (out / 'config.json').chmod(0o644)
-    strip(net, 1, out, overwrite=True)
-    assert (out / 'model.safetensors').stat().st_mode & 0o777 == 0o600
-    assert (out / 'config.json').stat().st_mode & 0o777 == 0o644
-    assert (out / 'README.md').stat().st_mode & 0o777 == 0o666 & ~atomic._umask()
+@pytest.mark.parametrize('weights_mode', [0o600, 0o200], ids=['owner-only', 'write-only'])
+def test_overwriting_a_folder_keeps_each_file_mode(tmp_path, net, weights_mode):
+    """--force replaces files with the permission bits the user gave them (even ones that deny reading, and never
+    a setuid bit); a file written for the first time gets the umask's mode."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    out = strip(net, 1, tmp_path / 'out', card=False)
+    (out / 'model.safetensors').chmod(weights_mode)
+    (out / 'config.json').chmod(0o4640)
+    strip(net, 1, out, overwrite=True)  # with the card this time
+    assert (out / 'model.safetensors').stat().st_mode & 0o7777 == weights_mode
+    assert (out / 'config.json').stat().st_mode & 0o7777 == 0o640
+    assert (out / 'README.md').stat().st_mode & 0o7777 == 0o666 & ~umask
 
 
 def test_manifest_lists_what_was_written(tmp_path, net):
@@ -795,7 +798,7 @@ def test_existing_folder_error_speaks_api(net, tmp_path):
     assert isinstance(info.value, FileExistsError)
 
 
-def test_atomic_write_file(tmp_path, caplog):
+def test_atomic_write_file(tmp_path, caplog, monkeypatch):
     path = tmp_path / 'exit.safetensors'
     atomic_write_file(path, lambda p: p.write_bytes(b'old'))
     user = tmp_path / f'{TMP_PREFIX}mine'
@@ -816,7 +819,9 @@ def test_atomic_write_file(tmp_path, caplog):
         atomic_write_file(tmp_path / 'nothing.png', lambda p: None)
     umask = os.umask(0o022)
     os.umask(umask)
-    assert atomic._umask() == umask  # read without changing it
+    with monkeypatch.context() as m:
+        m.setattr(atomic.os, 'umask', lambda *a: pytest.fail('the umask was set to read it'))
+        assert atomic._umask() == umask  # read without changing it (Linux reports it in /proc/self/status)
     fresh = tmp_path / 'fresh.png'
     atomic_write_file(fresh, lambda p: p.write_bytes(b'new'))
     assert fresh.stat().st_mode & 0o777 == 0o666 & ~umask  # a new file: the umask's mode, not mkstemp's 0600

@@ -207,7 +207,7 @@ def _kept_mode(previous: Path, default: int) -> int:
         st = os.lstat(previous)
     except OSError:
         return default
-    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else default
+    return st.st_mode & 0o777 if stat.S_ISREG(st.st_mode) else default  # permission bits only, never setuid
 
 
 def _is_inside(path: str, folder: str) -> bool:
@@ -560,8 +560,12 @@ def _finish(tmp: Path, target: Path) -> List[str]:
     names = _written_files(tmp)
     mode = _file_mode()
     for name in names:
-        os.chmod(tmp / name, _kept_mode(target / name, mode))
-        _fsync(tmp / name)
+        fd = os.open(tmp / name, os.O_RDONLY)  # opened before the mode changes: a kept mode may deny reading
+        try:
+            os.fchmod(fd, _kept_mode(target / name, mode))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return names
 
 
