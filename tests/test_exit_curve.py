@@ -277,6 +277,12 @@ BAD_CURVE_ARGS = {
     'max_drop inf': (dict(max_drop=INF), 16, 'max_drop'),
     'max_drop negative': (dict(max_drop=-1.0), 16, 'max_drop'),
     'points 0': (dict(points=0), 16, 'points'),
+    'points 2.0': (dict(points=2.0), 16, 'points must be an integer'),
+    'timed 2.5': (dict(timed=2.5), 16, 'timed must be an integer'),
+    'timed "2"': (dict(timed='2'), 16, 'timed must be an integer'),
+    'timed -1': (dict(timed=-1), 16, 'timed must be an integer >= 0'),
+    'repeats True': (dict(repeats=True), 16, 'repeats must be an integer'),
+    'repeats 0': (dict(repeats=0), 16, 'repeats must be an integer >= 1'),
     'empty calibration set': ({}, 0, 'calibration set is empty'),
 }
 
@@ -284,7 +290,7 @@ BAD_CURVE_ARGS = {
 @pytest.mark.parametrize('kwargs,calib_size,match', BAD_CURVE_ARGS.values(), ids=BAD_CURVE_ARGS.keys())
 def test_exit_curve_bad_values(binary, kwargs, calib_size, match):
     with pytest.raises(ValueError, match=match):
-        exit_curve(binary, _binary_loader(calib_size), _binary_loader(8, seed=1), timed=0, **kwargs)
+        exit_curve(binary, _binary_loader(calib_size), _binary_loader(8, seed=1), **dict(dict(timed=0), **kwargs))
 
 
 @pytest.fixture(scope='module')

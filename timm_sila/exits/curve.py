@@ -100,7 +100,7 @@ def measure_speedup(model: Callable, base: Optional[Callable], batches: Sequence
     batches = [x for x in batches if len(x)]
     if not batches:
         raise ValueError('measure_speedup needs at least one non-empty batch to time.')
-    require_int(repeats, 'repeats', 1)
+    repeats = require_int(repeats, 'repeats', 1)
     model(batches[0])
     base(batches[0])
     ratios = []
@@ -306,12 +306,12 @@ def exit_curve(model: SilaNet, calib_loader: Iterable, eval_loader: Iterable, po
     point is measured no faster than the base model a `SlowerThanBaseWarning` carries the verdict's message (also
     listed in 'warnings'): an EarlyExit saved at that point would be slower than the model it replaces.
     progress: called with one line per phase and batch report (e.g. a function writing it to stderr)."""
-    require_int(points, 'points', 1)
+    points = require_int(points, 'points', 1)
+    timed = require_int(timed, 'timed', 0)
+    repeats = require_int(repeats, 'repeats', 1)
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) \
             or max_drop < 0:
         raise ValueError(f'max_drop must be a finite number of accuracy points >= 0, got {max_drop!r}.')
-    if timed < 0 or repeats < 1:
-        raise ValueError(f'timed must be >= 0 and repeats >= 1, got timed={timed}, repeats={repeats}.')
     if progress is not None and not callable(progress):
         raise ValueError(f'progress must be a function taking one line of text (e.g. one that writes it to stderr), '
                          f'or None; got {progress!r}.')

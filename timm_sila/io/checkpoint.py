@@ -73,7 +73,7 @@ class Checkpoint:
         if self.ema_key is not None:
             raise CheckpointError(f'EMA weights were asked for, but the {self.ema_key!r} entry of {self.path} is not a '
                                   f'mapping of names to tensors.')
-        held = (f'its top-level keys are {", ".join(self.keys[:8])}' if self.keys else 'it is a bare state_dict')
+        held = (f'its top-level keys are {_names(self.keys, 8)}' if self.keys else 'it is a bare state_dict')
         raise CheckpointError(f'EMA weights were asked for, but {self.path} has no state_dict_ema or model_ema entry '
                               f'(where timm\'s load_checkpoint looks for them; {held}). timm train.py saves them '
                               f'only when trained with --model-ema; leave out --ema / ema=True for the model\'s '
@@ -266,9 +266,9 @@ def read_checkpoint(path: Union[str, Path], overridden: Iterable[str] = ()) -> C
     ckpt.keys = tuple(sorted(map(str, raw)))
     key = next((k for k in _WEIGHT_KEYS if k in raw), None)
     if key is None:
-        raise CheckpointError(f'{path} holds no state_dict (found {list(ckpt.keys[:6])}); expected the weights under '
-                              f'{" or ".join(_WEIGHT_KEYS)} as timm\'s load_checkpoint reads them, a state_dict or a '
-                              f'.safetensors file.')
+        raise CheckpointError(f'{path} holds no state_dict (found the keys {_names(ckpt.keys, 6)}); expected the '
+                              f'weights under {" or ".join(_WEIGHT_KEYS)} as timm\'s load_checkpoint reads them, a '
+                              f'state_dict or a .safetensors file.')
     if not _is_tensor_dict(raw[key]):
         raise CheckpointError(f'{path} holds no state_dict: its {key!r} entry is a {type(raw[key]).__name__}, not a '
                               f'mapping of names to tensors.')
@@ -287,9 +287,8 @@ def is_sila_state_dict(state_dict: Dict[str, Any]) -> bool:
 
 def _check_sila_keys(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
     if not is_sila_state_dict(state_dict):
-        keys = list(state_dict)
         raise CheckpointError(
-            f'{path} is not a SilaNet checkpoint: its keys ({", ".join(keys[:3])}, ...) are those of a plain model, '
+            f'{path} is not a SilaNet checkpoint: its keys ({_names(state_dict, 3)}) are those of a plain model, '
             f'while a SilaNet state_dict has base.* and heads.* keys. Train with a sila_<arch> model; a plain timm '
             f'model needs no stripping.')
 
@@ -304,8 +303,15 @@ def _infer_num_classes(state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
     return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
 
 
+def _names(keys: Iterable[Any], most: int) -> str:
+    """The first `most` of a file's keys, then "(+N more)"; a key that is long or holds unprintable characters is
+    shown as its cut repr, so a file cannot stretch the message or break it over lines."""
+    names = [str(k) for k in keys]
+    return listing([n if n.isprintable() and len(n) <= 60 else short(n, 60) for n in names], most)
+
+
 def _describe(keys: Sequence[str], n: int = 4) -> str:
-    return listing(sorted(keys), n)
+    return _names(sorted(keys), n)
 
 
 def _dtype_kind(t: torch.Tensor) -> str:

@@ -326,11 +326,11 @@ def export(
     """
     if format not in FORMATS:
         raise ValueError(f'format must be one of {FORMATS}, got {format!r}.')
-    require_int(batch_size, 'batch_size', 2, 'torch.export fixes a batch dimension of size 1')
+    batch_size = require_int(batch_size, 'batch_size', 2, 'torch.export fixes a batch dimension of size 1')
     if atol is not None and not (isinstance(atol, (int, float)) and atol >= 0 and atol == atol):
         raise ValueError(f'atol must be a number >= 0, got {atol!r}.')
     if format == 'onnx':
-        require_int(opset, 'opset', 18, 'the lowest the dynamo exporter writes')
+        opset = require_int(opset, 'opset', 18, 'the lowest the dynamo exporter writes')
         require_onnx()
     if exporter not in EXPORTERS:
         raise ValueError(f'exporter must be one of {EXPORTERS}, got {exporter!r}.')
