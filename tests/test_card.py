@@ -27,7 +27,7 @@ def folders(tmp_path_factory):
     return net, strip(net, 0, root / 'r18_b0', img_size=32), strip(net, 1, root / 'r18_b1', img_size=32)
 
 
-EVAL = dict(num_samples=500, split='test', data_dir='/home/someone/private/cifar10',
+EVAL = dict(num_samples=500, split='test', data_dir='/nonexistent/private/cifar10',
             branches=[dict(branch=0, top1=50.9, top5=93.93, loss=1.3304, params=11181642),
                       dict(branch=1, top1=46.86, top5=92.79, loss=1.4491, params=2805834)])
 
@@ -46,7 +46,7 @@ def test_branch1_card_front_matter_and_body(folders):
                  'timm.create_model("local-dir:r18_b1", pretrained=True)', 'hf-hub:someone/r18-sila-b1',
                  '| 46.86 | 92.79 | 1.4491 |', '`cifar10` split `test` (500 images)'):
         assert fact in text, fact
-    assert '/home/someone' not in text  # a local data path never goes into a card meant for publishing
+    assert '/nonexistent' not in text  # a local data path never goes into a card meant for publishing
 
 
 def test_hub_parses_card_and_timm_still_loads_folder(folders, monkeypatch):
