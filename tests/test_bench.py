@@ -7,7 +7,7 @@ import torch
 
 import timm
 
-from conftest import build_sila
+from conftest import build_sila, train_py_checkpoint
 from timm_sila import strip
 from timm_sila.measure.bench import _time_side_by_side, bench_branches
 from timm_sila_cli.bench import format_bench
@@ -89,3 +89,14 @@ def test_onnxruntime_runtime(tmp_path):
     result = bench_branches(small, runtime='onnxruntime', **FAST)
     assert result['runtime'] == 'onnxruntime' and [r['branch'] for r in result['rows']] == [0, 1]
     assert all(r['images_per_s'] > 0 for r in result['rows'])
+
+
+def test_onnxruntime_runs_at_a_checkpoints_non_square_input_size(tmp_path):
+    """The ONNX models are exported at the (H, W) the torch rows run at, not at a square of the width."""
+    pytest.importorskip('onnxruntime', reason='needs pip install "timm-sila[export]"')
+    torch.manual_seed(0)
+    small = timm.create_model('sila_test_resnet', num_classes=10, sila_sets=2).eval()
+    ckpt = train_py_checkpoint(tmp_path / 'ckpt.pth.tar', small, 'sila_test_resnet', input_size=[3, 32, 48])
+    fast = {k: v for k, v in FAST.items() if k != 'img_size'}
+    result = bench_branches(ckpt, runtime='onnxruntime', **fast)
+    assert list(result['input_size']) == [3, 32, 48] and [r['branch'] for r in result['rows']] == [0, 1]

@@ -8,7 +8,7 @@ validation transform (`timm.data.resolve_data_config(args, model=model)`, where 
 model's own), with the model's real input channels and, for a fixed-size model, the size it was built at.
 """
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch.nn as nn
 from timm.data import resolve_data_config as timm_resolve_data_config
@@ -27,15 +27,15 @@ def model_channels(model: nn.Module) -> Optional[int]:
     return channels if is_int(channels) and channels > 0 else None
 
 
-def data_args(file_args: Optional[Dict[str, Any]] = None, img_size: Optional[int] = None,
+def data_args(file_args: Optional[Dict[str, Any]] = None, img_size: Union[int, Tuple[int, int], None] = None,
               channels: Optional[int] = None) -> Dict[str, Any]:
-    """The data-config args of a file (checked values; None / '' = the model's default) with `img_size` replacing a
-    stored input size. An image size, stored or given, becomes `input_size` (channels, H, W), channels from the
+    """The data-config args of a file (checked values; None / '' = the model's default) with `img_size` (a side,
+    or (H, W)) replacing a stored input size. An image size, stored or given, becomes `input_size` (channels, H, W), channels from the
     args' in_chans, else `channels`, else 3 (timm's resolver reads only a square int img_size)."""
     args = dict(file_args or {})
     if img_size is not None:
         args.pop('input_size', None)
-        args['img_size'] = int(img_size)
+        args['img_size'] = int(img_size) if is_int(img_size) else tuple(int(s) for s in img_size)
     size = args.pop('img_size', None)
     if size is not None and args.get('input_size') is None:
         chans = args.get('in_chans') or channels or 3

@@ -92,7 +92,7 @@ def _ort_runner(model: nn.Module, branch: int, folder: Path, input_size: List[in
     """Export `model` to ONNX (verified with onnxruntime) and return a timed onnxruntime session."""
     _, ort = require_onnx()
     path = folder / f'branch{branch}.onnx'
-    export(model, branch, 'onnx', path, img_size=input_size[-1])
+    export(model, branch, 'onnx', path, img_size=tuple(input_size[-2:]))  # (H, W): the size the torch rows run at
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
