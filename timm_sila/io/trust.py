@@ -157,9 +157,10 @@ def bound_violation(key: str, value: Any) -> Optional[str]:
 
 
 def _json_depth(text: str) -> int:
-    """Deepest nesting of [ and { in JSON text, strings skipped (linear, no recursion)."""
+    """Deepest nesting of [ and { in JSON text, strings skipped (linear in the text, whatever it holds; no recursion)."""
     depth = deepest = 0
-    for bracket in re.findall(r'[\[\]{}]', re.sub(r'"(?:[^"\\]|\\.)*"', '""', text, flags=re.DOTALL)):
+    # a string's closing quote is optional: an unclosed one ends the text, so no quote is ever rescanned to the end
+    for bracket in re.findall(r'[\[\]{}]', re.sub(r'"(?:[^"\\]|\\.)*"?', '""', text, flags=re.DOTALL)):
         depth = depth + 1 if bracket in '[{' else max(depth - 1, 0)
         deepest = max(deepest, depth)
     return deepest
