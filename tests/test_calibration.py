@@ -55,8 +55,9 @@ def test_per_exit_thresholds_beat_the_shared_one_when_exits_differ(policy):
     assert per['exits'][2] == 0 and per['exits'][1] > 0
     row = simulate_exits(branch_logits, labels, per['thresholds'], temps, seg, policy)
     assert row['accuracy'] == pytest.approx(per['accuracy']) and row['compute'] == pytest.approx(per['compute'])
-    with pytest.raises(ValueError, match='finite'):
-        choose_thresholds(branch_logits, labels, temps, seg, max_drop=float('nan'))
+    for bad in (float('nan'), 10 ** 400, True):  # 10**400: an integer no float holds
+        with pytest.raises(ValueError, match='finite'):
+            choose_thresholds(branch_logits, labels, temps, seg, max_drop=bad)
 
 
 def test_temperature_bounds_clamp_the_fit():

@@ -57,6 +57,8 @@ def _sila_logits():
 BAD_HPARAMS = {
     'SilaLoss beta nan': lambda: SilaLoss(10, beta=NAN),
     'SilaLoss beta inf': lambda: SilaLoss(10, beta=INF),
+    'SilaLoss beta an integer beyond float': lambda: SilaLoss(10, beta=10 ** 400),
+    'SilaLoss smoothing an integer beyond float': lambda: SilaLoss(10, smoothing=10 ** 400),
     'SilaLoss decay nan': lambda: SilaLoss(10, decay=NAN),
     'SilaLoss decay -inf': lambda: SilaLoss(10, decay=-INF),
     'SilaLoss smoothing nan': lambda: SilaLoss(10, smoothing=NAN),

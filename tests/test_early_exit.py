@@ -174,6 +174,8 @@ BAD_EXIT_VALUES = {
     '0-d tensor inf': dict(thresholds=torch.tensor(INF)),
     'threshold string': dict(thresholds='0.5'),
     'threshold bool': dict(thresholds=True),
+    'threshold an integer beyond float': dict(thresholds=10 ** 400),
+    'temperature an integer beyond float': dict(temperatures=[1.0, 10 ** 400, 1.0]),
     'threshold None item': dict(thresholds=[0.5, None]),
     'threshold count': dict(thresholds=[0.5, 0.5, 0.5]),
     'temperature nan': dict(temperatures=[1.0, NAN, 1.0]),
@@ -264,6 +266,7 @@ HOSTILE = {  # name: (change to the metadata dict | raw metadata text | None = n
     'thresholds NaN': ('{"arch": "test_resnet", "num_classes": 2, "model_args": {}, "early_exit": {"policy": '
                        '"confidence", "thresholds": [NaN, 0.5], "temperatures": [1, 1, 1]}}', None),
     'thresholds Infinity': (_early('thresholds', [INF, INF]), None),
+    'thresholds an integer beyond float': (_early('thresholds', [10 ** 400, 0.5]), None),
     'thresholds strings': (_early('thresholds', ['0.5', '0.5']), None),
     'temperatures negative': (_early('temperatures', [1.0, -1.0, 1.0]), None),
     'temperatures wrong count': (_early('temperatures', [1.0]), None),

@@ -276,6 +276,7 @@ BAD_CURVE_ARGS = {
     'max_drop nan': (dict(max_drop=NAN), 16, 'max_drop'),
     'max_drop inf': (dict(max_drop=INF), 16, 'max_drop'),
     'max_drop negative': (dict(max_drop=-1.0), 16, 'max_drop'),
+    'max_drop an integer beyond float': (dict(max_drop=10 ** 400), 16, 'max_drop must be a finite number'),
     'points 0': (dict(points=0), 16, 'points'),
     'points 2.0': (dict(points=2.0), 16, 'points must be an integer'),
     'timed 2.5': (dict(timed=2.5), 16, 'timed must be an integer'),

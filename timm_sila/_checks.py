@@ -6,7 +6,7 @@ which `describe(check)` returns for error messages. Booleans are never numbers; 
 import math
 import numbers
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 Check = Callable[[Any], bool]
 
@@ -26,6 +26,14 @@ def is_real(v: Any) -> bool:
         return math.isfinite(v)
     except OverflowError:
         return False
+
+
+def finite_float(v: Any) -> Optional[float]:
+    """`v` as a float when it is a finite real number -- Python, numpy or a 0-d tensor, never a bool or a string --
+    else None (the caller words the error)."""
+    if hasattr(v, 'tolist') and not isinstance(v, (list, tuple)):  # numpy scalar, 0-d tensor
+        v = v.tolist()
+    return float(v) if is_real(v) else None
 
 
 def integer(lo: int) -> Check:

@@ -5,7 +5,6 @@
 beta / decay pair and of a valid branch index, used by the config, the model, the loss and the shipping code.
 This module imports neither torch nor timm.
 """
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -23,11 +22,8 @@ def check_set_weights(beta: Any, decay: Any) -> Tuple[float, float]:
     numbers >= 0 (Python, numpy or 0-d tensor numbers; never a bool or a string). ValueError otherwise."""
     values = []
     for value in (beta, decay):
-        try:
-            number = None if isinstance(value, (bool, str, bytes)) else float(value)
-        except (TypeError, ValueError):
-            number = None
-        if number is None or not math.isfinite(number) or number < 0:
+        number = checks.finite_float(value)
+        if number is None or number < 0:
             raise ValueError(f'The Sila loss needs finite beta >= 0 and decay >= 0 (no NaN or inf), got '
                              f'beta={beta!r}, decay={decay!r}.')
         values.append(number)

@@ -10,13 +10,13 @@ shipping an EarlyExit for speed, measure it (`timm_sila.exits.curve.measure_spee
 run `exit_curve`, whose 'verdict' says whether any point within the drop is faster and which stripped branch is.
 """
 import math
-import numbers
 import warnings
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from timm_sila._checks import finite_float, short
 from .policy import NEVER, certainty, exit_score, exits
 
 __all__ = ['TEMPERATURE_BOUNDS', 'calibrate_temperatures', 'simulate_exits', 'choose_threshold', 'choose_thresholds']
@@ -99,8 +99,8 @@ def choose_threshold(branch_logits, labels, temperatures, segment_macs, policy='
     if (max_drop is None) == (budget is None):
         raise ValueError('Give exactly one of max_drop (accuracy points) or budget (compute fraction).')
     limit = max_drop if budget is None else budget
-    if isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not math.isfinite(limit) or limit < 0:
-        raise ValueError(f'max_drop / budget must be a finite number >= 0, got {limit!r}.')
+    if finite_float(limit) is None or limit < 0:
+        raise ValueError(f'max_drop / budget must be a finite number >= 0, got {short(limit)}.')
     base_acc = 100.0 * float((branch_logits[:, 0].argmax(-1) == labels).float().mean())
     scores = torch.cat([exit_score(branch_logits[:, k] / temperatures[k], policy)
                         for k in range(1, branch_logits.shape[1])])

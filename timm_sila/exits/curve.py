@@ -10,7 +10,6 @@ against the base model and gives a verdict (`exit_verdict`): whether any operati
 faster than the base model, and which stripped branch (`timm_sila.ship.strip.branch_model`) is the fastest within the
 same drop. `measure_speedup` times any model (an `EarlyExit` included) against its base the same way.
 """
-import math
 import statistics
 import time
 import warnings
@@ -19,7 +18,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from timm_sila._checks import require_int
+from timm_sila._checks import finite_float, require_int, short
 from timm_sila.model import SilaNet
 from timm_sila.ship.strip import branch_model
 from .calibration import calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
@@ -309,9 +308,8 @@ def exit_curve(model: SilaNet, calib_loader: Iterable, eval_loader: Iterable, po
     points = require_int(points, 'points', 1)
     timed = require_int(timed, 'timed', 0)
     repeats = require_int(repeats, 'repeats', 1)
-    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) \
-            or max_drop < 0:
-        raise ValueError(f'max_drop must be a finite number of accuracy points >= 0, got {max_drop!r}.')
+    if finite_float(max_drop) is None or max_drop < 0:
+        raise ValueError(f'max_drop must be a finite number of accuracy points >= 0, got {short(max_drop)}.')
     if progress is not None and not callable(progress):
         raise ValueError(f'progress must be a function taking one line of text (e.g. one that writes it to stderr), '
                          f'or None; got {progress!r}.')

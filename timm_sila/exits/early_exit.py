@@ -9,7 +9,6 @@ see the hook's output) and refuses the model otherwise.
 """
 import json
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -18,6 +17,7 @@ import torch.nn as nn
 
 from safetensors.torch import save_file
 
+from timm_sila._checks import finite_float, short
 from timm_sila.config import sila_name
 from timm_sila.io.atomic import atomic_write_file, check_output_file
 from timm_sila.io.checkpoint import build_checked, read_safetensors
@@ -51,11 +51,10 @@ def _finite_numbers(value, what: str) -> Union[float, List[float]]:
     """A number, or a sequence of numbers, as floats. Python, numpy and 0-d/1-d tensor numbers are accepted;
     booleans, strings, NaN and infinities are refused with ValueError."""
     def one(v):
-        if hasattr(v, 'tolist') and not isinstance(v, (list, tuple)):  # numpy scalar / array, tensor
-            v = v.tolist()
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise ValueError(f'{what} must be finite numbers, got {value!r}.')
-        return float(v)
+        number = finite_float(v)
+        if number is None:
+            raise ValueError(f'{what} must be finite numbers, got {short(value)}.')
+        return number
     if hasattr(value, 'tolist') and not isinstance(value, (list, tuple)):
         value = value.tolist()
     if isinstance(value, (list, tuple)):

@@ -4,13 +4,13 @@ Every option of torch's cross-entropy (`weight`, `ignore_index`, `reduction`, `l
 torch meaning: the Sila loss is torch's cross-entropy formula with `log_softmax(input)` replaced by the folded
 Sila log-probabilities `sila_log_probs(logits)` (for plain (B, N) logits the two coincide).
 """
-import math
 import numbers
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from timm_sila._checks import finite_float, short
 from timm_sila.config import check_set_weights
 
 __all__ = ['sila_set_weights', 'sila_log_probs', 'sila_cross_entropy']
@@ -20,15 +20,10 @@ _REDUCTIONS = ('mean', 'sum', 'none')
 
 def _finite(name: str, value) -> float:
     """`value` as a float, refusing booleans, strings, NaN and infinities."""
-    if isinstance(value, (bool, str, bytes)):
-        raise ValueError(f'{name} must be a finite number, got {value!r}.')
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f'{name} must be a finite number, got {value!r}.') from None
-    if not math.isfinite(value):
-        raise ValueError(f'{name} must be a finite number, got {value}.')
-    return value
+    number = finite_float(value)
+    if number is None:
+        raise ValueError(f'{name} must be a finite number, got {short(value)}.')
+    return number
 
 
 def check_smoothing(smoothing: float) -> float:
