@@ -1,4 +1,5 @@
 """sila_* names in timm's registry, pretrained tags, and SilaNet's construction errors."""
+import json
 import os
 
 import pytest
@@ -157,3 +158,22 @@ def test_local_dir_without_weights_is_one_clear_error(stripped_copy, tmp_path):
     with pytest.raises(FileNotFoundError, match='holds no weights file for sila_') as info:
         timm.create_model(f'local-dir:{folder}', pretrained=True)
     assert '\n' not in str(info.value) and str(folder) in str(info.value)
+
+
+@pytest.mark.parametrize('pretrained', [False, True])
+def test_local_dir_config_is_checked_with_or_without_its_weights(stripped_copy, tmp_path, pretrained):
+    """A config.json's pretrained_cfg never reaches the model unchecked: where to fetch weights from (url, hub id,
+    custom loader) is dropped and out-of-range data-config values are refused, whether or not the weights load."""
+    folder = stripped_copy(1, tmp_path / 'folder')
+    config = json.loads((folder / 'config.json').read_text())
+    config['pretrained_cfg'].update(url='http://example.invalid/w.pth', hf_hub_id='someone/evil',
+                                    custom_load=True)
+    (folder / 'config.json').write_text(json.dumps(config))
+    model = timm.create_model(f'local-dir:{folder}', pretrained=pretrained)
+    for cfg in (model.pretrained_cfg, model.base.pretrained_cfg):  # timm's own cfg of the base stays as it is
+        assert (cfg.get('url'), cfg.get('hf_hub_id'), cfg.get('custom_load')) == ('', 'timm/test_resnet.r160_in1k',
+                                                                                    False)
+    config['pretrained_cfg']['mean'] = [500.0, 500.0, 500.0]
+    (folder / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match='mean'):
+        timm.create_model(f'local-dir:{folder}', pretrained=pretrained)

@@ -24,7 +24,8 @@ default_cfgs: Dict[str, Any] = {}  # read by timm's register_model for this modu
 
 
 def _is_sila_checkpoint(pretrained_cfg) -> bool:
-    """Weights from a hub/local-dir config of a sila_* model are SilaNet state_dicts, not base ones."""
+    """Whether the cfg comes from a hub / local-dir config.json of a sila_* model (whose weights are SilaNet
+    state_dicts, not base ones)."""
     if pretrained_cfg is None or isinstance(pretrained_cfg, str):
         return False
     cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else pretrained_cfg.to_dict()
@@ -73,21 +74,22 @@ def _create_sila(arch: str, pretrained: bool = False, pretrained_cfg=None, pretr
                  cache_dir=None, **kwargs) -> SilaNet:
     sila = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith(SILA_PREFIX)}
     file_args = kwargs.pop('pretrained_model_args', None) or {}  # model_args of a hub / local-dir config.json
-    sila_weights = pretrained and _is_sila_checkpoint(pretrained_cfg)
-    if file_args or sila_weights:
+    from_file = _is_sila_checkpoint(pretrained_cfg)  # a hub / local-dir config.json, with or without its weights
+    if file_args or from_file:
         file_cfg = _file_config(pretrained_cfg, file_args, dict(kwargs, **sila))
     config = SilaConfig.from_kwargs(sila)
-    if sila_weights:
+    if from_file:  # the file's pretrained_cfg never reaches timm: only its checked fields, set below
         base = timm.create_model(arch, **kwargs)
     else:
         base = timm.create_model(
             arch, pretrained=pretrained, pretrained_cfg=pretrained_cfg,
             pretrained_cfg_overlay=pretrained_cfg_overlay, cache_dir=cache_dir, **kwargs)
     model = SilaNet(base, config=config)
-    if sila_weights:
+    if from_file:
         model.pretrained_cfg = dict(sila_pretrained_cfg(base.pretrained_cfg, arch), **file_cfg,
                                     architecture=f'{SILA_PREFIX}{arch}')
         model.default_cfg = model.pretrained_cfg
+    if from_file and pretrained:
         if file_cfg.get('source') == 'local-dir':  # a folder on disk: always the checked reader
             weights = _local_dir_weights(Path(file_cfg.get('file') or ''), f'{SILA_PREFIX}{arch}')
             ckpt = read_checkpoint(weights)  # EMA weights first where the file has them, as timm's loader reads it
