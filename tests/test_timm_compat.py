@@ -7,13 +7,16 @@ import json
 import pytest
 import torch
 from packaging.requirements import Requirement
+from safetensors.torch import save_file
 
 import timm
 from timm.models import get_arch_pretrained_cfgs, get_model_input_config
+from timm.models._hub import load_state_dict_from_path
 from timm.models.resnet import BasicBlock, ResNet
 from conftest import train_py_checkpoint
 from timm_sila import SilaNet
 from timm_sila import _timm_compat as timm_compat
+from timm_sila._registry import _local_dir_weights
 
 
 def test_installed_timm_is_within_the_declared_bound_and_the_bound_is_closed():
@@ -170,3 +173,22 @@ def test_fbnetc_with_its_own_norm_layer_is_not_pinned(tmp_path):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(timm_sila.load_stripped(folder)(x), net(x))
+
+
+@pytest.mark.parametrize('present', [
+    ['model.safetensors', 'pytorch_model.bin', 'a.pth'],
+    ['pytorch_model.bin', 'model.pth', 'b.safetensors'],
+    ['b.bin', 'a.pth.tar', 'z.pth'],
+    ['b.bin', 'c.bin'],
+])
+def test_local_dir_file_choice_is_timms(tmp_path, present):
+    """timm_sila's local-dir loader reads the file timm's `load_state_dict_from_path` would read."""
+    for i, name in enumerate(present):
+        tensors = {'w': torch.full((1,), float(i))}
+        if name.endswith('.safetensors'):
+            save_file(tensors, str(tmp_path / name))
+        else:
+            torch.save(tensors, tmp_path / name)
+    timms = load_state_dict_from_path(tmp_path)['w'].item()
+    ours = _local_dir_weights(tmp_path, 'sila_x')
+    assert ours.name == present[int(timms)]

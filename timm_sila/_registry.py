@@ -12,7 +12,7 @@ from timm_sila.config import SILA_PREFIX, SilaConfig
 from timm_sila.io.checkpoint import load_state_dict_checked, read_checkpoint
 from timm_sila.io.trust import sanitize_file_data_config, sanitize_file_model_kwargs
 from timm_sila.model import SilaNet, sila_pretrained_cfg
-from timm_sila._timm_compat import arch_pretrained_cfgs
+from timm_sila._timm_compat import LOCAL_DIR_WEIGHT_EXTS, LOCAL_DIR_WEIGHT_FILES, arch_pretrained_cfgs
 
 __all__ = ['register_sila_models']
 
@@ -47,26 +47,19 @@ def _file_config(pretrained_cfg, file_args: dict, given: dict) -> dict:
     return kept
 
 
-# the weight files timm's local-dir loader looks for, in its order, then the first file of each extension
-_LOCAL_DIR_FILES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth',
-                    'open_clip_model.safetensors', 'open_clip_pytorch_model.safetensors',
-                    'open_clip_pytorch_model.bin', 'open_clip_pytorch_model.pth')
-_LOCAL_DIR_EXTS = ('.safetensors', '.pth', '.pth.tar', '.bin')
-
-
 def _local_dir_weights(folder: Path, name: str) -> Path:
     """The weights file timm would pick in a `local-dir:` folder, chosen exactly as timm chooses it (an entry that
     exists, whatever it is: the checked reader then refuses a FIFO or a folder in one line instead of another file
     being read in its place); FileNotFoundError naming the folder when it holds none."""
-    for fname in _LOCAL_DIR_FILES:
+    for fname in LOCAL_DIR_WEIGHT_FILES:
         if os.path.lexists(folder / fname):
             return folder / fname
-    for ext in _LOCAL_DIR_EXTS:
+    for ext in LOCAL_DIR_WEIGHT_EXTS:
         found = sorted(folder.glob(f'*{ext}'))
         if found:
             return found[0]
-    raise FileNotFoundError(f'{folder} holds no weights file for {name} (looked for {", ".join(_LOCAL_DIR_FILES[:2])} '
-                            f'and any *{", *".join(_LOCAL_DIR_EXTS)}); `timm-sila strip` writes model.safetensors '
+    raise FileNotFoundError(f'{folder} holds no weights file for {name} (looked for {", ".join(LOCAL_DIR_WEIGHT_FILES[:2])} '
+                            f'and any *{", *".join(LOCAL_DIR_WEIGHT_EXTS)}); `timm-sila strip` writes model.safetensors '
                             f'there.')
 
 

@@ -9,6 +9,8 @@ the package allows: tests/test_timm_compat.py, run by CI with the newest one set
 * `arch_pretrained_cfgs(arch)`: the public `timm.models.get_arch_pretrained_cfgs` without its deep copies, which
   would cost ~0.6 s at `import timm_sila` (every architecture's cfgs are mirrored for sila_<arch>);
 * `group_with_matcher`, `save_config_for_hf`: timm's layer grouping (for layer-wise LR decay) and config.json writer;
+* `LOCAL_DIR_WEIGHT_FILES`, `LOCAL_DIR_WEIGHT_EXTS`: the file names, then extensions, timm's `local-dir:` loader
+  looks for (`load_state_dict_from_path`), so timm_sila picks the same file to read with its checked reader;
 * `pinned_args(arch, model)`: the kwargs that make timm rebuild `model` as it is, for the entrypoints that build a
   different module when called with pretrained=True (as `local-dir:` loading does); `pretrained_form_args(arch)`:
   the kwargs that build that pretrained form without loading weights (for checkpoints trained from them).
@@ -19,11 +21,15 @@ import torch.nn as nn
 from timm.models import PretrainedCfg
 from timm.models import _registry
 from timm.models._efficientnet_builder import BN_EPS_TF_DEFAULT
-from timm.models._hub import save_config_for_hf
+from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES, save_config_for_hf
 from timm.models._manipulate import group_with_matcher
 
 __all__ = ['model_args', 'built_by_timm', 'copy_traits', 'arch_pretrained_cfgs', 'group_with_matcher',
-           'save_config_for_hf', 'pinned_args', 'pretrained_form_args', 'TESTED_TIMM']
+           'save_config_for_hf', 'pinned_args', 'pretrained_form_args', 'TESTED_TIMM', 'LOCAL_DIR_WEIGHT_FILES',
+           'LOCAL_DIR_WEIGHT_EXTS']
+
+LOCAL_DIR_WEIGHT_FILES: Tuple[str, ...] = tuple(_PREFERRED_FILES)
+LOCAL_DIR_WEIGHT_EXTS: Tuple[str, ...] = tuple(_EXT_PRIORITY)
 
 TESTED_TIMM = '1.0.31'  # the newest timm these internals were checked against (setup.cfg: timm>=1.0.31,<1.1)
 
