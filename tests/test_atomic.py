@@ -928,3 +928,20 @@ def test_killed_writer_leaves_no_model_files(trained, tmp_path):
     strip(net, 0, out)  # leftovers of the killed writer neither block nor survive a new export
     assert sorted(p.name for p in out.iterdir()) == EXPORT
     assert torch.equal(eval_logits(load_stripped(out), x), branch_logits(net, x, 0))
+
+
+def test_folder_flush_failing_after_the_commit_reports_the_new_files(tmp_path, net, monkeypatch, caplog):
+    """Once the new files are in place, a failing flush of the folder is a warning saying so, not an error claiming
+    the previous files are unchanged."""
+    out = strip(net, 0, tmp_path / 'out')
+    real = atomic._fsync
+
+    def fsync(path, directory=False):
+        if directory and Path(path) == out:
+            raise OSError(errno.EIO, 'Input/output error')
+        return real(path, directory)
+    monkeypatch.setattr(atomic, '_fsync', fsync)
+    with caplog.at_level('WARNING', logger='timm_sila.io.atomic'):
+        strip(net, 1, out, overwrite=True)
+    assert 'new files are in place' in caplog.text
+    assert json.loads((out / 'config.json').read_text())['model_args'].get('sila_branch') == 1  # branch 0 had none

@@ -736,7 +736,10 @@ def _commit(tmp: Path, fd: int, out_dir: Path, written: Sequence[str], last: str
             raise _appeared(out_dir, [name], overwrite) from None
     if link:
         os.unlink(tmp / last)
-    _fsync(out_dir, directory=True)
+    try:
+        _fsync(out_dir, directory=True)
+    except OSError as e:  # the new files are in place: reporting "previous files unchanged" would be false
+        _logger.warning('%s: the new files are in place, but flushing the folder failed (%s).', out_dir, e)
 
 
 def _embedded_os_error(e: BaseException) -> Optional[OSError]:

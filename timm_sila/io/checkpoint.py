@@ -535,8 +535,9 @@ def load_silanet(
         given['num_classes'] = num_classes
     kwargs.update(given)
     origins.update({k: f'{k} (given)' for k in given})
-    if 'num_classes' not in kwargs and _infer_num_classes(state_dict) is not None:
-        kwargs['num_classes'] = _infer_num_classes(state_dict)
+    inferred = _infer_num_classes(state_dict)
+    if 'num_classes' not in kwargs and inferred is not None:
+        kwargs['num_classes'] = inferred
         origins['num_classes'] = 'num_classes (read from heads.1.weight)'
     kwargs.setdefault('sila_sets', _infer_sets(state_dict))
     origins.setdefault('sila_sets', 'sila_sets (read from the heads.* keys)')
