@@ -2,7 +2,6 @@
 the verdict whether early exit pays. Progress and warnings go to stderr, one line each; stdout holds only the
 table or the JSON document."""
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -84,10 +83,6 @@ def run(args: argparse.Namespace) -> int:
     --png / --save when asked."""
     if args.calib_split == args.split:
         raise ValueError('--calib-split must differ from --split: thresholds are never chosen on the test data.')
-    if args.calib_limit is not None and args.calib_limit < 1:
-        raise ValueError(f'--calib-limit must be >= 1, got {args.calib_limit}.')
-    if not math.isfinite(args.max_drop) or args.max_drop < 0:
-        raise ValueError(f'--max-drop must be a finite number >= 0, got {args.max_drop}.')
     for split in (args.split, args.calib_split):
         if not (Path(args.data_dir) / split).is_dir():
             raise FileNotFoundError(f'{Path(args.data_dir) / split} is not a folder (ImageFolder layout '

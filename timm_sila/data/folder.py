@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torchvision.datasets.folder import IMG_EXTENSIONS  # the image files torchvision's ImageFolder reads
 
 from timm_sila._checks import first_line, listing
 from .memory import check_batch_fits
@@ -39,7 +40,6 @@ from .memory import check_batch_fits
 __all__ = ['ImageFolderDataset', 'ImageFolderError', 'ImageReadError', 'IMG_EXTENSIONS', 'image_mode',
            'image_loader', 'eval_loader']
 
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')  # torchvision's
 _IMAGE_MODES = {1: 'L', 3: 'RGB'}
 _SHOWN = 3  # paths named in one message before "+N more"
 

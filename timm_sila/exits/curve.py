@@ -63,20 +63,17 @@ def collect_branch_logits(model: SilaNet, loader: Iterable, device=None, progres
     return torch.cat(outs), torch.cat(labels), kept
 
 
-def _time(fn, batches: List[torch.Tensor], repeats: int) -> float:
-    """Median seconds per image of fn over the batches (CUDA work is waited for before the clock stops)."""
+def _time(fn, batches: List[torch.Tensor]) -> float:
+    """Seconds per image of one pass of fn over the batches (CUDA work is waited for before the clock stops)."""
     cuda = batches[0].is_cuda
-    per_image = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(batches[0].device)
-        start = time.perf_counter()
-        for x in batches:
-            fn(x)
-        if cuda:
-            torch.cuda.synchronize(batches[0].device)
-        per_image.append((time.perf_counter() - start) / sum(len(x) for x in batches))
-    return statistics.median(per_image)
+    if cuda:
+        torch.cuda.synchronize(batches[0].device)
+    start = time.perf_counter()
+    for x in batches:
+        fn(x)
+    if cuda:
+        torch.cuda.synchronize(batches[0].device)
+    return (time.perf_counter() - start) / sum(len(x) for x in batches)
 
 
 @torch.no_grad()
@@ -104,8 +101,8 @@ def measure_speedup(model: Callable, base: Optional[Callable], batches: Sequence
     base(batches[0])
     ratios = []
     for _ in range(repeats):  # one ratio per back-to-back pair cancels slow drifts in load; the median drops spikes
-        t_model = _time(model, batches, 1)
-        ratios.append(_time(base, batches, 1) / t_model)
+        t_model = _time(model, batches)
+        ratios.append(_time(base, batches) / t_model)
     return statistics.median(ratios)
 
 
