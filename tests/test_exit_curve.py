@@ -304,19 +304,19 @@ def cli_inputs(binary, tmp_path_factory):
     return root
 
 
-BAD_CLI = {
-    '--max-drop nan': ['--max-drop', 'nan'],
-    '--max-drop inf': ['--max-drop', 'inf'],
-    '--calib-limit 0': ['--calib-limit', '0'],
-    '--points 0': ['--points', '0'],
-    '--batch-size 0': ['--batch-size', '0'],
-    'empty calibration set': ['--calib-split', 'empty'],
-    'calibration on the test split': ['--calib-split', 'test'],
+BAD_CLI = {  # name: (extra arguments, what the one line must say)
+    '--max-drop nan': (['--max-drop', 'nan'], "--max-drop: expected a finite number >= 0, got 'nan'"),
+    '--max-drop inf': (['--max-drop', 'inf'], "--max-drop: expected a finite number >= 0, got 'inf'"),
+    '--calib-limit 0': (['--calib-limit', '0'], "--calib-limit: expected an integer >= 1, got '0'"),
+    '--points 0': (['--points', '0'], "--points: expected an integer >= 1, got '0'"),
+    '--batch-size 0': (['--batch-size', '0'], "--batch-size: expected an integer >= 1, got '0'"),
+    'empty calibration set': (['--calib-split', 'empty'], 'empty'),
+    'calibration on the test split': (['--calib-split', 'test'], '--calib-split must differ from --split'),
 }
 
 
-@pytest.mark.parametrize('extra', BAD_CLI.values(), ids=BAD_CLI.keys())
-def test_exit_curve_cli_bad_values_are_one_line(cli_inputs, extra, capsys):
+@pytest.mark.parametrize('extra,fragment', BAD_CLI.values(), ids=BAD_CLI.keys())
+def test_exit_curve_cli_bad_values_are_one_line(cli_inputs, extra, fragment, capsys):
     args = ['exit-curve', '--model', 'sila_test_resnet', '--checkpoint', str(cli_inputs / 'sila.safetensors'),
             '--data-dir', str(cli_inputs / 'data'), '--calib-split', 'val', '--num-classes', '2',
             '--img-size', '32', '--batch-size', '4', '--json'] + extra
@@ -324,7 +324,7 @@ def test_exit_curve_cli_bad_values_are_one_line(cli_inputs, extra, capsys):
     captured = capsys.readouterr()
     assert captured.out == ''
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and 'error' in lines[0], captured.err
+    assert len(lines) == 1 and 'error' in lines[0] and fragment in lines[0], captured.err
 
 
 def test_exit_curve_cli_progress_and_warnings_stay_off_stdout(cli_inputs, capsys):

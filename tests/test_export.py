@@ -9,7 +9,7 @@ import torch.nn as nn
 import timm
 
 from conftest import branch_logits, build_sila, randomize_bn
-from timm_sila import strip
+from timm_sila import SourceInOutputError, strip
 from timm_sila.ship.export import (DEFAULT_RTOL, ExportError, ExportParityError, MissingExtraError, export,
     fixed_size_reason)
 from timm_sila_cli.export import format_export
@@ -166,7 +166,7 @@ def test_bad_requests_fail_before_exporting(sila_r18, tmp_path):
         export(net, 0, 'tflite', tmp_path / 'm.tflite')
     with pytest.raises(ValueError, match='batch_size must be an integer >= 2'):
         export(net, 0, 'pt2', tmp_path / 'm.pt2', batch_size=1)
-    with pytest.raises(ValueError, match='is the input'):  # SourceInOutputError, as every writer says it
+    with pytest.raises(SourceInOutputError, match=r'is the input.*sila_r18\.pth'):  # as every writer says it
         export(ckpt, 0, 'pt2', ckpt, overwrite=True, model='sila_resnet18')
     (tmp_path / 'taken.pt2').write_bytes(b'x')
     with pytest.raises(FileExistsError, match='overwrite=True'):
