@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from timm_sila.exits.calibration import (
     TEMPERATURE_BOUNDS, calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits)
+from timm_sila.exits.policy import NEVER, exit_score, exits
 
 
 def test_temperature_calibration_recovers_a_known_temperature():
@@ -69,3 +70,39 @@ def test_temperature_bounds_clamp_the_fit():
     timid = 0.01 * F.one_hot(labels, 5).float()[:, None]  # always right but 100-fold underconfident: T -> 0
     with pytest.warns(UserWarning, match='set 0'):
         assert calibrate_temperatures(timid, labels) == [TEMPERATURE_BOUNDS[0]]
+
+
+def _reference_simulate(branch_logits, labels, thresholds, temperatures, segment_macs, policy):
+    """simulate_exits written out per decision: each exit's scaled logits, its score, its prediction."""
+    m, n = branch_logits.shape[1], labels.shape[0]
+    answered = torch.zeros(n, dtype=torch.bool)
+    pred = torch.empty(n, dtype=torch.long)
+    exit_set = torch.zeros(n, dtype=torch.long)
+    macs = 0.0
+    for j, k in enumerate(range(m - 1, 0, -1)):
+        macs += segment_macs[j] * float((~answered).sum())
+        logits = branch_logits[:, k] / temperatures[k]
+        leave = exits(exit_score(logits, policy), thresholds[j], policy) & ~answered
+        pred[leave] = logits[leave].argmax(-1)
+        exit_set[leave] = k
+        answered |= leave
+    macs += segment_macs[-1] * float((~answered).sum())
+    pred[~answered] = branch_logits[~answered, 0].argmax(-1)
+    return dict(accuracy=100.0 * float((pred == labels).float().mean()), compute=macs / (sum(segment_macs) * n),
+                exits={k: int((exit_set == k).sum()) for k in [*range(m - 1, 0, -1), 0]})
+
+
+@pytest.mark.parametrize('policy', ['confidence', 'entropy'])
+@pytest.mark.parametrize('sets', [2, 4])
+def test_simulation_from_the_precomputed_table_equals_the_decisions_written_out(policy, sets):
+    g = torch.Generator().manual_seed(sets)
+    labels = torch.randint(0, 7, (300,), generator=g)
+    branch_logits = torch.randn(300, sets, 7, generator=g) * 3
+    temps = [1.0] + [0.5 + 0.7 * k for k in range(1, sets)]
+    seg = list(range(5, 5 + sets))
+    scores = torch.cat([exit_score(branch_logits[:, k] / temps[k], policy) for k in range(1, sets)])
+    for q in torch.linspace(0, 1, 9).tolist():
+        t = float(torch.quantile(scores, q))
+        for thresholds in ([t] * (sets - 1), [t] + [NEVER[policy]] * (sets - 2)):
+            assert simulate_exits(branch_logits, labels, thresholds, temps, seg, policy) == \
+                _reference_simulate(branch_logits, labels, thresholds, temps, seg, policy)

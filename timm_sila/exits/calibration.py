@@ -11,7 +11,7 @@ run `exit_curve`, whose 'verdict' says whether any point within the drop is fast
 """
 import math
 import warnings
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from timm_sila._checks import finite_float, short
 from .policy import NEVER, certainty, exit_score, exits
 
-__all__ = ['TEMPERATURE_BOUNDS', 'calibrate_temperatures', 'simulate_exits', 'choose_threshold', 'choose_thresholds']
+__all__ = ['TEMPERATURE_BOUNDS', 'calibrate_temperatures', 'exit_table', 'simulate_table', 'simulate_exits',
+           'choose_threshold', 'choose_thresholds']
 
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -63,6 +64,40 @@ def calibrate_temperatures(branch_logits: torch.Tensor, labels: torch.Tensor, st
     return temps
 
 
+def exit_table(branch_logits: torch.Tensor, labels: torch.Tensor, temperatures: Sequence[float], policy: str
+                ) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
+    """What every exit decision needs, computed once per set: ({k: (n,) exit scores of set k >= 1 after its
+    temperature}, {k: (n,) whether set k's prediction is right, set 0 included}). Trying a threshold is then only
+    comparisons."""
+    scores, correct = {}, {0: branch_logits[:, 0].argmax(-1) == labels}
+    for k in range(1, branch_logits.shape[1]):
+        logits = branch_logits[:, k] / temperatures[k]
+        scores[k] = exit_score(logits, policy)
+        correct[k] = logits.argmax(-1) == labels
+    return scores, correct
+
+
+def simulate_table(scores: Dict[int, torch.Tensor], correct: Dict[int, torch.Tensor], thresholds: Sequence[float],
+              segment_macs: Sequence[int], policy: str) -> dict:
+    """simulate_exits() from an `exit_table` (so each threshold tried costs only comparisons)."""
+    exit_sets = sorted(scores, reverse=True)
+    n = correct[0].shape[0]
+    answered = torch.zeros(n, dtype=torch.bool)
+    right = torch.zeros(n, dtype=torch.bool)
+    exit_set = torch.zeros(n, dtype=torch.long)
+    macs = 0.0
+    for j, k in enumerate(exit_sets):
+        macs += segment_macs[j] * float((~answered).sum())
+        leave = exits(scores[k], thresholds[j], policy) & ~answered
+        right |= leave & correct[k]
+        exit_set[leave] = k
+        answered |= leave
+    macs += segment_macs[-1] * float((~answered).sum())
+    right |= ~answered & correct[0]
+    return dict(accuracy=100.0 * float(right.float().mean()), compute=macs / (sum(segment_macs) * n),
+                exits={k: int((exit_set == k).sum()) for k in [*exit_sets, 0]})
+
+
 def simulate_exits(branch_logits: torch.Tensor, labels: torch.Tensor, thresholds: Sequence[float],
                    temperatures: Sequence[float], segment_macs: Sequence[int], policy: str = 'confidence') -> dict:
     """Offline exit decisions from cached branch logits (n, M, N).
@@ -70,24 +105,7 @@ def simulate_exits(branch_logits: torch.Tensor, labels: torch.Tensor, thresholds
     segment_macs: per-sample backbone MACs of each segment in exit order (input → shallowest tap, …,
     deepest tap → output). Returns accuracy (%), compute fraction and the exit-set histogram.
     """
-    m = branch_logits.shape[1]
-    exit_sets = list(range(m - 1, 0, -1))
-    n = labels.shape[0]
-    answered = torch.zeros(n, dtype=torch.bool)
-    pred = torch.empty(n, dtype=torch.long)
-    exit_set = torch.zeros(n, dtype=torch.long)
-    macs = 0.0
-    for j, k in enumerate(exit_sets):
-        macs += segment_macs[j] * float((~answered).sum())
-        logits = branch_logits[:, k] / temperatures[k]
-        leave = exits(exit_score(logits, policy), thresholds[j], policy) & ~answered
-        pred[leave] = logits[leave].argmax(-1)
-        exit_set[leave] = k
-        answered |= leave
-    macs += segment_macs[-1] * float((~answered).sum())
-    pred[~answered] = branch_logits[~answered, 0].argmax(-1)
-    return dict(accuracy=100.0 * float((pred == labels).float().mean()), compute=macs / (sum(segment_macs) * n),
-                exits={k: int((exit_set == k).sum()) for k in [*exit_sets, 0]})
+    return simulate_table(*exit_table(branch_logits, labels, temperatures, policy), thresholds, segment_macs, policy)
 
 
 def choose_threshold(branch_logits, labels, temperatures, segment_macs, policy='confidence',
@@ -101,15 +119,14 @@ def choose_threshold(branch_logits, labels, temperatures, segment_macs, policy='
     limit = max_drop if budget is None else budget
     if finite_float(limit) is None or limit < 0:
         raise ValueError(f'max_drop / budget must be a finite number >= 0, got {short(limit)}.')
-    base_acc = 100.0 * float((branch_logits[:, 0].argmax(-1) == labels).float().mean())
-    scores = torch.cat([exit_score(branch_logits[:, k] / temperatures[k], policy)
-                        for k in range(1, branch_logits.shape[1])])
-    grid = torch.quantile(scores.float(), torch.linspace(0, 1, candidates)).tolist()
+    scores, correct = exit_table(branch_logits, labels, temperatures, policy)
+    base_acc = 100.0 * float(correct[0].float().mean())
+    all_scores = torch.cat([scores[k] for k in range(1, branch_logits.shape[1])])
+    grid = torch.quantile(all_scores.float(), torch.linspace(0, 1, candidates)).tolist()
     grid = sorted(set(grid) | {NEVER[policy]}, key=lambda t: certainty(t, policy))
     rows = []
     for t in grid:
-        row = simulate_exits(branch_logits, labels, [t] * (branch_logits.shape[1] - 1), temperatures,
-                             segment_macs, policy)
+        row = simulate_table(scores, correct, [t] * (branch_logits.shape[1] - 1), segment_macs, policy)
         rows.append(dict(row, threshold=t))
     if max_drop is not None:
         ok = [r for r in rows if r['accuracy'] >= base_acc - max_drop]
@@ -135,21 +152,21 @@ def choose_thresholds(branch_logits, labels, temperatures, segment_macs, policy=
     shared = choose_threshold(branch_logits, labels, temperatures, segment_macs, policy, max_drop=max_drop)
     base_acc, floor = shared['base_accuracy'], shared['base_accuracy'] - max_drop
     exit_sets = list(range(branch_logits.shape[1] - 1, 0, -1))
+    scores, correct = exit_table(branch_logits, labels, temperatures, policy)
     grids = []
     for k in exit_sets:
-        scores = exit_score(branch_logits[:, k] / temperatures[k], policy).double()
         levels = torch.linspace(0, 1, candidates, dtype=torch.float64)
-        grids.append(sorted(set(torch.quantile(scores, levels).tolist()) | {NEVER[policy]},
+        grids.append(sorted(set(torch.quantile(scores[k].double(), levels).tolist()) | {NEVER[policy]},
                             key=lambda t: certainty(t, policy)))
-    best = dict(simulate_exits(branch_logits, labels, [shared['threshold']] * len(exit_sets), temperatures,
-                               segment_macs, policy), thresholds=[shared['threshold']] * len(exit_sets))
+    best = dict(simulate_table(scores, correct, [shared['threshold']] * len(exit_sets), segment_macs, policy),
+                thresholds=[shared['threshold']] * len(exit_sets))
     for _ in range(rounds):
         improved = False
         for j, grid in enumerate(grids):
             for t in grid:
                 trial = list(best['thresholds'])
                 trial[j] = t
-                row = simulate_exits(branch_logits, labels, trial, temperatures, segment_macs, policy)
+                row = simulate_table(scores, correct, trial, segment_macs, policy)
                 if row['accuracy'] >= floor and (row['compute'], -row['accuracy']) < (best['compute'],
                                                                                       -best['accuracy']):
                     best, improved = dict(row, thresholds=trial), True

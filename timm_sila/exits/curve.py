@@ -10,6 +10,7 @@ against the base model and gives a verdict (`exit_verdict`): whether any operati
 faster than the base model, and which stripped branch (`timm_sila.ship.strip.branch_model`) is the fastest within the
 same drop. `measure_speedup` times any model (an `EarlyExit` included) against its base the same way.
 """
+import functools
 import statistics
 import time
 import warnings
@@ -21,9 +22,9 @@ import torch
 from timm_sila._checks import finite_float, require_int, short
 from timm_sila.model import SilaNet
 from timm_sila.ship.strip import branch_model
-from .calibration import calibrate_temperatures, choose_threshold, choose_thresholds, simulate_exits
+from .calibration import calibrate_temperatures, choose_threshold, choose_thresholds, exit_table, simulate_table
 from .early_exit import EarlyExit
-from .policy import certainty, exit_score
+from .policy import certainty
 
 __all__ = ['collect_branch_logits', 'exit_curve', 'exit_verdict', 'measure_branches', 'measure_speedup', 'plot_curve',
            'SlowerThanBaseWarning']
@@ -259,14 +260,16 @@ def _sweep_thresholds(logits: torch.Tensor, labels: torch.Tensor, temps: List[fl
     replaced from a finer quantile grid. Fewer than `points` only when the calibration data has fewer distinct
     operating points."""
     sets = logits.shape[1]
-    scores = torch.stack([exit_score(logits[:, k] / temps[k], policy) for k in range(1, sets)], 1)
+    table = exit_table(logits, labels, temps, policy)
+    scores = torch.stack([table[0][k] for k in range(1, sets)], 1)
     best = certainty(certainty(scores, policy).amax(1), policy).double()  # each sample's most certain exit score
 
+    @functools.lru_cache(maxsize=None)
     def at(level: float) -> float:
         return float(torch.quantile(best, level))
 
     def outcome(t: float) -> tuple:  # exits are nested in the threshold: equal counts per set = equal decisions
-        return tuple(simulate_exits(logits, labels, [t] * (sets - 1), temps, seg, policy)['exits'].values())
+        return tuple(simulate_table(*table, [t] * (sets - 1), seg, policy)['exits'].values())
 
     levels = torch.linspace(0.0, 1.0, points).tolist()
     nearest = min(levels, key=lambda q: abs(at(q) - chosen))
@@ -325,14 +328,16 @@ def exit_curve(model: SilaNet, calib_loader: Iterable, eval_loader: Iterable, po
     thresholds = _sweep_thresholds(calib_logits, calib_labels, temps, seg, policy, points, chosen['threshold'])
     base_acc = _accuracy(eval_logits[:, 0], eval_labels)
     calib_base_acc = chosen['base_accuracy']
+    eval_table = exit_table(eval_logits, eval_labels, temps, policy)
+    calib_table = exit_table(calib_logits, calib_labels, temps, policy)
     rows = []
     for t in thresholds:
-        row = simulate_exits(eval_logits, eval_labels, [t] * (model.sets - 1), temps, seg, policy)
-        calib = simulate_exits(calib_logits, calib_labels, [t] * (model.sets - 1), temps, seg, policy)
+        row = simulate_table(*eval_table, [t] * (model.sets - 1), seg, policy)
+        calib = simulate_table(*calib_table, [t] * (model.sets - 1), seg, policy)
         rows.append(dict(row, threshold=t, drop=base_acc - row['accuracy'],
                          calib_drop=calib_base_acc - calib['accuracy'], chosen=t == chosen['threshold']))
     per = choose_thresholds(calib_logits, calib_labels, temps, seg, policy=policy, max_drop=max_drop)
-    per_exit = dict(simulate_exits(eval_logits, eval_labels, per['thresholds'], temps, seg, policy),
+    per_exit = dict(simulate_table(*eval_table, per['thresholds'], seg, policy),
                     thresholds=per['thresholds'], calib_compute=per['compute'],
                     calib_drop=per['base_accuracy'] - per['accuracy'])
     per_exit['drop'] = base_acc - per_exit['accuracy']
