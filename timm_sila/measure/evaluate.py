@@ -68,13 +68,16 @@ def evaluate(
             rows = len(outs) + (1 if multi and ensemble else 0)
             correct = torch.zeros(rows, maxk, dtype=torch.float64)
             loss_sum = torch.zeros(rows, dtype=torch.float64)
-        for i, logits in enumerate(outs):
-            correct[i] += _topk_correct(logits, target, maxk).double().cpu()
-            loss_sum[i] += F.cross_entropy(logits, target, reduction='sum').double().cpu()
+        hits = [_topk_correct(logits, target, maxk) for logits in outs]
+        losses = [F.cross_entropy(logits, target, reduction='sum') for logits in outs]
         if multi and ensemble:
             probs = torch.stack([o.softmax(-1) for o in outs]).mean(0)
-            correct[-1] += _topk_correct(probs, target, maxk).double().cpu()
-            loss_sum[-1] += F.nll_loss(probs.clamp_min(1e-12).log(), target, reduction='sum').double().cpu()
+            hits.append(_topk_correct(probs, target, maxk))
+            losses.append(F.nll_loss(probs.clamp_min(1e-12).log(), target, reduction='sum'))
+        # one copy to the host per batch (every row's counts and loss), not one per branch and statistic
+        batch = torch.cat([torch.stack(hits).double(), torch.stack(losses).double()[:, None]], 1).cpu()
+        correct += batch[:, :maxk]
+        loss_sum += batch[:, maxk]
         n_seen += target.shape[0]
     if bar is not None:
         bar.close()
