@@ -10,6 +10,8 @@ import torch
 
 import timm
 from conftest import build_sila, image_folder, run_in_fresh_process, train_py_checkpoint
+from timm_sila.data import memory
+from timm_sila.data.folder import eval_loader
 from timm_sila.data.memory import MemoryBoundError, available_memory, batch_memory, check_batch_fits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,3 +137,19 @@ def test_cli_batch_and_image_size_bounds_are_one_line_exit_2_fast_and_small(work
         assert lines[0].startswith('timm-sila ') and ': error: ' in lines[0] and 'available' in lines[0], (name, got)
         assert all(f in lines[0] for f in fragments), (name, lines[0])
     assert sorted(str(p) for p in work.rglob('*')) == before  # nothing written
+
+
+def test_evaluating_on_another_device_counts_only_the_input_batch_against_ram(tmp_path, monkeypatch):
+    """With the model on an accelerator, its activations are checked against that device's memory, not the host's:
+    RAM that holds the input batch but not the activations refuses nothing."""
+    model = build_sila('test_resnet')[0].eval()
+    image_folder(tmp_path / 'data', classes=10, n=1)
+    input_size = (3, 32, 32)
+    need = batch_memory(4, input_size, model)
+    assert need['activation'] > 0
+    ram = need['input'] + need['activation'] // 2  # the batch fits, the batch and the activations do not
+    monkeypatch.setattr(memory, 'available_memory', lambda device=None: ram if device is None else None)
+    config = dict(input_size=input_size, interpolation='bilinear', mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
+    with pytest.raises(MemoryBoundError):
+        eval_loader(tmp_path / 'data' / 'test', model, config, batch_size=4, device='cpu')
+    eval_loader(tmp_path / 'data' / 'test', model, config, batch_size=4, device='meta')  # the device's own check

@@ -303,9 +303,10 @@ def eval_loader(root: Union[str, Path], model: torch.nn.Module, data_config: Dic
                                  num_classes=num_classes if isinstance(num_classes, int) and num_classes > 0 else None,
                                  class_names=class_names)
     batch = min(batch_size, len(dataset) if limit is None else min(limit, len(dataset)))
-    check_batch_fits(batch, input_size, model)
     device = torch.device(device) if device is not None else None
-    if device is not None and device.type != 'cpu':
+    on_cpu = device is None or device.type == 'cpu'
+    check_batch_fits(batch, input_size, model if on_cpu else None)  # on another device only the batch is in RAM
+    if not on_cpu:
         check_batch_fits(batch, input_size, model, device=device)
     return image_loader(dataset, batch_size, workers=workers, limit=limit,
                         pin_memory=device is not None and device.type == 'cuda')
