@@ -201,6 +201,25 @@ def early_exit_file(path: Path, net: torch.nn.Module, meta_text: Optional[str] =
     return Path(path)
 
 
+def x_input() -> torch.Tensor:
+    """The (2, 3, 32, 32) input a test compares two models' outputs on."""
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope='module')
+def net():
+    """sila_test_resnet (10 classes), eval mode, the model `stripped` strips; a file that needs another model
+    defines its own `net`."""
+    return build_sila('test_resnet')[0].eval()
+
+
+@pytest.fixture(scope='module')
+def trained():
+    """sila_resnet18 with BN statistics as after training, and an input batch: (net, x)."""
+    net = randomize_bn(build_sila('resnet18')[0], seed=1).eval()
+    return net, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
 @pytest.fixture(scope='session')
 def stripped(tmp_path_factory):
     """sila_test_resnet (10 classes, built after torch.manual_seed(0): the `net` of the files that use this) stripped

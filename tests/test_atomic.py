@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 import timm_sila.io.atomic as atomic
 import timm_sila.ship.strip as shipping
-from conftest import branch_logits, build_sila, eval_logits, image_folder, randomize_bn, train_py_checkpoint
+from conftest import branch_logits, build_sila, eval_logits, image_folder, train_py_checkpoint
 from timm_sila import SilaNet, load_stripped, strip
 from timm_sila.io.atomic import (
     MANIFEST_NAME, MARKER_NAME, TMP_PREFIX, ForeignFilesError, OutputBusyError, OutputExistsError, OutputWriteError,
@@ -863,13 +863,6 @@ def test_path_not_valid_utf8_works_fully(net, tmp_path):
 
 
 # --- strip: a failed, refused or killed write leaves no model files --------------------------------------------
-@pytest.fixture(scope='module')
-def trained():
-    """sila_resnet18 with BN statistics as after training, and an input batch."""
-    net, _ = build_sila('resnet18')
-    return randomize_bn(net, seed=1).eval(), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-
-
 def test_failed_write_leaves_no_partial_files(trained, tmp_path, monkeypatch):
     net, x = trained
     real = shipping.save_file

@@ -19,7 +19,7 @@ import torch
 import timm
 from safetensors.torch import load_file, save_file
 
-from conftest import build_sila, early_exit_file, snapshot, train_py_args, train_py_checkpoint
+from conftest import early_exit_file, snapshot, train_py_args, train_py_checkpoint, x_input
 
 from timm_sila import load_stripped, strip
 from timm_sila.io.checkpoint import build_checked, load_silanet, read_checkpoint
@@ -43,15 +43,6 @@ def nets():
         for p in ema.parameters():
             p.add_(0.01)
     return net, ema, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(scope='module')
-def net():
-    return build_sila('test_resnet')[0].eval()
-
-
-def x_input():
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
 def train_args(**fields):

@@ -13,20 +13,13 @@ import timm
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import branch_logits, build_sila, eval_logits, randomize_bn, train_py_checkpoint
+from conftest import branch_logits, eval_logits, train_py_checkpoint
 from timm_sila import CheckpointError, SilaNet, load_stripped, strip
 from timm_sila.io.atomic import MANIFEST_NAME, ForeignFilesError
 
 EXPORT = sorted(['README.md', 'config.json', 'model.safetensors', MANIFEST_NAME])  # what strip writes
 TAPS = ['layer3', 'layer1']  # the paper's rule for resnet18 with 3 sets (set 1 = deepest)
 KEPT = {1: ('conv1', 'bn1', 'layer1', 'layer2', 'layer3'), 2: ('conv1', 'bn1', 'layer1')}
-
-
-@pytest.fixture(scope='module')
-def trained():
-    net = randomize_bn(build_sila('resnet18')[0], seed=1).eval()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    return net, x
 
 
 def file_keys(out):

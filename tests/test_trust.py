@@ -24,7 +24,8 @@ import torch
 
 import timm
 
-from conftest import build_sila, early_exit_file, image_folder, run_in_fresh_process, snapshot, train_py_checkpoint
+from conftest import (build_sila, early_exit_file, image_folder, run_in_fresh_process, snapshot, train_py_checkpoint,
+                      x_input)
 from timm_sila import load_stripped, strip
 from timm_sila.io.checkpoint import load_silanet, read_checkpoint
 from timm_sila.io.trust import (FILE_LIMITS, FILE_MODEL_KWARGS, CheckpointError, UnsafeFileError, bound_violation,
@@ -33,15 +34,6 @@ from timm_sila.io.trust import (FILE_LIMITS, FILE_MODEL_KWARGS, CheckpointError,
 ARCH = 'sila_test_resnet'  # timm's 0.4M-parameter test ResNet: taps layer3, layer1
 
 pytestmark = pytest.mark.usefixtures('no_network')
-
-
-@pytest.fixture(scope='module')
-def net():
-    return build_sila('test_resnet')[0].eval()
-
-
-def x_input():
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
 # --- the allow-list: a file never chooses what is fetched or written ------------------------------------------
